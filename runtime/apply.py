@@ -1,0 +1,122 @@
+"""`runtime.apply(model, schedule)`: the one integration point, a context manager over a transformers model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from . import attention
+from .cache import PyramidCache
+from .families import check_schedule_fits, check_supported, decoder_layers, layer_plan
+from .schedule import Schedule
+
+_IMPLEMENTATIONS = {"sdpa": attention.SDPA, "eager": attention.EAGER}
+
+
+def new_cache(model: nn.Module, schedule: Schedule) -> PyramidCache:
+    return PyramidCache(schedule, layer_plan(model))
+
+
+@contextlib.contextmanager
+def apply(model: nn.Module, schedule: Schedule, attn: str = "sdpa") -> Iterator[nn.Module]:
+    """Make `model` keep, in each layer, only the share of the KV cache that `schedule` allows.
+
+    Inside the block, `model.generate(...)` and plain `model(...)` calls use a `PyramidCache`; on exit the model is
+    exactly as it was (attention implementation, forward, hooks).
+    """
+    check_supported(model)
+    check_schedule_fits(model, schedule)
+    if attn not in _IMPLEMENTATIONS:
+        raise ValueError(f"attn must be one of {sorted(_IMPLEMENTATIONS)}, got {attn!r}")
+    attention.register()
+    previous_impl = model.config._attn_implementation
+    had_own_forward = "forward" in vars(model)
+    original_forward = model.forward
+    handles = []
+
+    def forward(*args, **kwargs):
+        return _forward(model, schedule, original_forward, args, kwargs)
+
+    try:
+        model.set_attn_implementation(_IMPLEMENTATIONS[attn])
+        model.forward = forward
+        if schedule.prefill_mode == "drop":
+            for layer in decoder_layers(model):
+                handles.append(layer.register_forward_pre_hook(_gather_inputs, with_kwargs=True))
+                handles.append(layer.register_forward_hook(_gather_output, with_kwargs=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        if had_own_forward:
+            model.forward = original_forward
+        else:
+            vars(model).pop("forward", None)
+        model.set_attn_implementation(previous_impl)
+
+
+def _forward(model, schedule, original_forward, args, kwargs):
+    if args:  # input_ids given positionally
+        kwargs["input_ids"], args = args[0], args[1:]
+    if kwargs.pop("use_cache", None) is False:
+        raise ValueError(
+            "use_cache=False would bypass the compressed cache; call the model with use_cache=True under runtime.apply"
+        )
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else legacy
+    if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
+        cache = new_cache(model, schedule)
+    elif not isinstance(cache, PyramidCache):
+        raise ValueError("under runtime.apply the cache must be empty or a PyramidCache from an earlier call")
+    ids = kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    b, q = ref.shape[0], ref.shape[1]
+    device = ref.device
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:  # what the model would do itself, made explicit so the cache records it
+        position_ids = (torch.arange(q, device=device) + cache.get_seq_length()).expand(b, q)
+        kwargs["position_ids"] = position_ids
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        valid = mask[:, -q:].to(device=device, dtype=torch.bool)
+    else:
+        valid = torch.ones(b, q, dtype=torch.bool, device=device)
+    cache.begin(position_ids.expand(b, q).to(device), valid)
+    try:
+        return original_forward(*args, cache=cache, use_cache=True, **kwargs)
+    finally:
+        cache.end()
+
+
+# ---- drop mode: after a layer has planned which tokens go on, the hidden states of the others stop there
+
+
+def _gather_output(module, args, kwargs, output):
+    step = getattr(kwargs.get("cache"), "step", None)
+    if step is None or step.forward_idx is None:
+        return output
+    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = _gather_seq(hidden, step.forward_idx)
+    step.forward_idx = None
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _gather_inputs(module, args, kwargs):
+    step = getattr(kwargs.get("cache"), "step", None)
+    if step is None or step.kept_idx is None:
+        return None
+    # the model computed rotary embeddings for every prompt token (per layer type): take the survivors' rows
+    kwargs["position_embeddings"] = tuple(_gather_seq(t, step.kept_idx) for t in kwargs["position_embeddings"])
+    kwargs["position_ids"] = step.q_pos
+    return args, kwargs
+
+
+def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    t = t.expand(idx.shape[0], *t.shape[1:])
+    return torch.gather(t, 1, idx[..., None].expand(*idx.shape, t.shape[-1]))

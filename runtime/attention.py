@@ -1,0 +1,57 @@
+"""The attention function registered with transformers: stock SDPA (or eager) with each layer's own mask.
+
+transformers builds one mask per forward pass, sized for the first layer; under a pyramid schedule every layer
+holds a different number of tokens, so each layer builds its mask from its own slots instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+SDPA = "pyramid_sdpa"
+EAGER = "pyramid_eager"
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None  # layers build their own masks from the cache
+
+
+def _eager(module, query, key, value, mask, is_causal=None, **kwargs):
+    if mask is None and query.shape[2] > 1:  # SDPA's is_causal fast path, spelled out for eager
+        q, t = query.shape[2], key.shape[2]
+        mask = torch.ones(q, t, dtype=torch.bool, device=query.device).tril(t - q)[None, None]
+    if mask is not None:  # eager adds a float mask
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    return eager_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def _make(base):
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        found = kwargs.pop("pyramid", None)
+        kwargs.pop("sliding_window", None)  # the layer's mask already limits the window
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        if found is None:  # no cache in this call: plain causal attention
+            return base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        cache, layer_idx = found
+        layer = cache.layers[layer_idx]
+        mask = layer.attention_mask(cache.step, query.shape[1])
+        out, weights = base(module, query, key, value, mask, scaling=scaling, is_causal=mask is None, **kwargs)
+        cache.after_attention(layer_idx, query, scaling)
+        return out, weights
+
+    return attention
+
+
+def register() -> None:
+    """Make the two implementations known to transformers (idempotent)."""
+    AttentionInterface.register(SDPA, _make(sdpa_attention_forward))
+    AttentionInterface.register(EAGER, _make(_eager))
+    AttentionMaskInterface.register(SDPA, _no_mask)
+    AttentionMaskInterface.register(EAGER, _no_mask)

@@ -1,0 +1,315 @@
+"""A transformers `Cache` whose layers each keep their own share of the tokens.
+
+Every layer stores, besides keys and values, the original position and a validity flag of each slot, so that
+layers of different lengths, left padding and per-head selection all get exact masks, and retained tokens keep
+their true positions for RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import selection
+from .schedule import Schedule, kept_tokens
+
+
+@dataclass
+class Step:
+    """What one forward pass adds: positions and validity of its query tokens (updated as drop mode gathers)."""
+
+    q_pos: torch.Tensor  # [B, q]
+    q_valid: torch.Tensor  # [B, q]
+    has_invalid: bool  # python flag, so that mask-free fast paths need no device sync
+    prefill: bool  # the cache was empty before this pass
+    trim_now: bool  # layers are trimmed after this pass
+    seen_slots: int  # positions fed so far, this pass included
+    forward_idx: torch.Tensor | None = None  # drop mode: slots of this layer's input that go on [B, K]
+    kept_idx: torch.Tensor | None = None  # drop mode: the same tokens as indices into the whole input [B, K]
+
+
+class PyramidLayer(DynamicLayer):
+    """One layer's cache: keys/values [B, H, T, D] plus slot positions and validity [B, H, T]."""
+
+    def __init__(self, ratio: float, compressible: bool, sliding_window: int | None, query_window: int):
+        super().__init__()
+        self.ratio = ratio
+        self.sliding_window = sliding_window  # the mask's limit, where the model has one
+        # a sliding-window layer that is not compressed keeps its own window, like transformers' own layer
+        self.is_sliding = sliding_window is not None and not compressible
+        self.compressible = compressible and ratio < 1.0
+        self.query_window = query_window
+        self.pos: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.has_invalid = False
+        self.shared_slots = True  # every head holds the same tokens (no per-head selection happened yet)
+        # the most recent queries, to score keys when the layer is trimmed during decoding
+        self.q_buf: torch.Tensor | None = None
+        self.q_buf_pos: torch.Tensor | None = None
+        self.q_buf_valid: torch.Tensor | None = None
+
+    # ---- transformers interface
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.keys = key_states.new_empty(b, h, 0, key_states.shape[-1])
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.pos = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        h = key_states.shape[1]
+        q = key_states.shape[2]
+        b = key_states.shape[0]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.pos = torch.cat([self.pos, step.q_pos[:, None, :].expand(b, h, q)], dim=-1)
+        self.valid = torch.cat([self.valid, step.q_valid[:, None, :].expand(b, h, q)], dim=-1)
+        self.has_invalid = self.has_invalid or step.has_invalid
+
+    def stored(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    get_seq_length = stored  # slots held; the cache itself answers with tokens seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored() + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.pos = self.valid = self.q_buf = self.q_buf_pos = self.q_buf_valid = None
+        self.has_invalid = False
+        self.shared_slots = True
+
+    def _index_batch(self, fn) -> None:
+        for name in ("keys", "values", "pos", "valid", "q_buf", "q_buf_pos", "q_buf_valid"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped back to an earlier length")
+
+    # ---- masks
+
+    def attention_mask(self, step: Step, num_query_heads: int) -> torch.Tensor | None:
+        """Boolean mask [B, 1 or Hq, q, T] for this layer's stored slots, or None where plain causal is exact."""
+        q = step.q_pos.shape[1]
+        t = self.stored()
+        # some slot may lie beyond the window once more tokens were seen than it spans (slots != positions)
+        window_overflow = self.sliding_window is not None and step.seen_slots > self.sliding_window
+        if not (self.has_invalid or step.has_invalid or window_overflow):
+            if q == 1 or (step.prefill and t == q and self.shared_slots):
+                return None  # exactly what stock SDPA does: no mask for one token, is_causal for a fresh prompt
+        pos, valid = (self.pos[:, :1], self.valid[:, :1]) if self.shared_slots else (self.pos, self.valid)
+        qp = step.q_pos[:, None, :, None]
+        mask = valid[:, :, None, :] & (pos[:, :, None, :] <= qp)
+        if self.sliding_window is not None:
+            mask = mask & (qp - pos[:, :, None, :] < self.sliding_window)
+        # a padded query row that sees nothing would turn into NaN and poison later layers: let it see all
+        mask = mask | ~step.q_valid[:, None, :, None]
+        if mask.shape[1] > 1 and mask.shape[1] != num_query_heads:
+            mask = mask.repeat_interleave(num_query_heads // mask.shape[1], dim=1)
+        return mask
+
+    # ---- compression
+
+    def remember_queries(self, query: torch.Tensor, step: Step) -> None:
+        w = self.query_window
+        if self.q_buf is None:  # clone: a view would keep the whole prompt's queries alive
+            self.q_buf = query[:, :, -w:].clone()
+            self.q_buf_pos, self.q_buf_valid = step.q_pos[:, -w:].clone(), step.q_valid[:, -w:].clone()
+        else:
+            self.q_buf = torch.cat([self.q_buf, query], dim=2)[:, :, -w:]
+            self.q_buf_pos = torch.cat([self.q_buf_pos, step.q_pos], dim=1)[:, -w:]
+            self.q_buf_valid = torch.cat([self.q_buf_valid, step.q_valid], dim=1)[:, -w:]
+
+    def scores(self, schedule: Schedule, scaling: float) -> torch.Tensor:
+        """Recent-window attention over the stored slots, [B, H, T], pooled as the schedule says."""
+        sel = schedule.selection
+        weights = selection.query_weights(self.q_buf.shape[2], sel.query_weighting, sel.weight_max, self.device)
+        s = selection.recent_attention(
+            self.q_buf, self.q_buf_pos, self.q_buf_valid, self.keys, self.pos, self.valid, scaling, weights
+        )
+        return selection.pool(s, self.valid, sel.pooling, sel.pool_kernel)
+
+    def keep_only(self, idx: torch.Tensor, kept: torch.Tensor) -> None:
+        """Physically shrink the layer to the slots `idx` [B, 1 or H, K]; `kept` marks the real ones."""
+        self.keys = selection.gather_tokens(self.keys, idx)
+        self.values = selection.gather_tokens(self.values, idx)
+        self.pos = selection.gather_tokens(self.pos, idx)
+        self.valid = selection.gather_tokens(self.valid, idx) & kept.expand_as(self.pos)
+        self.shared_slots = self.shared_slots and idx.shape[1] == 1
+
+    def trim_window(self) -> None:
+        """A sliding-window layer keeps only what its next query can still see, like transformers' own."""
+        keep = self.sliding_window - 1
+        if self.stored() > keep:
+            self.keys, self.values = self.keys[:, :, -keep:].clone(), self.values[:, :, -keep:].clone()
+            self.pos, self.valid = self.pos[..., -keep:].clone(), self.valid[..., -keep:].clone()
+
+    def due(self, schedule: Schedule, seen_slots: int, trim_now: bool) -> int | None:
+        """Slots to keep if the layer is trimmed now, else None."""
+        if not (self.compressible and trim_now):
+            return None
+        k_max = kept_tokens(self.ratio, seen_slots, schedule.sinks, schedule.window)
+        if schedule.decode.max_tokens is not None:
+            k_max = min(k_max, schedule.decode.max_tokens)
+        return k_max if self.stored() > k_max else None
+
+    def trim(self, scores: torch.Tensor, schedule: Schedule, seen_valid: torch.Tensor, k_max: int) -> None:
+        keep = selection.kept_counts(
+            self.ratio, seen_valid, schedule.sinks, schedule.window, schedule.decode.max_tokens
+        )
+        if schedule.selection.per_head:
+            valid = self.valid
+        else:
+            scores, valid = scores.mean(1, keepdim=True), self.valid[:, :1]
+        protect = selection.protected_mask(valid, schedule.sinks, schedule.window)
+        idx, kept = selection.choose(scores, valid, protect, keep, k_max)
+        self.keep_only(idx, kept)
+
+
+class PyramidCache(Cache):
+    """The KV cache used under `runtime.apply`: one `PyramidLayer` per decoder layer."""
+
+    def __init__(self, schedule: Schedule, plan: list[tuple[bool, int | None]]):
+        """`plan` holds, per layer, whether it may be compressed and its sliding window (or None)."""
+        layers = [PyramidLayer(r, c, w, schedule.window) for r, (c, w) in zip(schedule.ratios, plan, strict=True)]
+        super().__init__(layers=layers)
+        self.schedule = schedule
+        self.seen_slots = 0  # positions fed so far, pads included: what generate slices its input by
+        self.seen_valid: torch.Tensor | None = None  # [B] real tokens fed so far per row
+        self.step: Step | None = None
+        self.since_trim = 0
+        # drop mode: after layer l only the tokens some deeper layer may keep go on; its largest share decides
+        # (uncompressed full-attention layers need every token; sliding layers make do with what they get)
+        need = [lay.ratio if lay.compressible else (None if lay.is_sliding else 1.0) for lay in self.layers]
+        self.forward_ratio = []
+        for i in range(len(need)):
+            deeper = [r for r in need[i + 1 :] if r is not None]
+            self.forward_ratio.append(max(deeper) if deeper else None)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_slots
+
+    def begin(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
+        """Called once per forward pass, before the first layer."""
+        has_invalid = bool((~q_valid).any())  # one host sync per forward, never per layer
+        prefill = self.seen_slots == 0
+        # Trim right after prefill, then once every `decode.interval` new tokens. Counting fed tokens (not the
+        # excess over a target) makes the moments the same for a row alone and in a padded batch, so its output
+        # does not depend on its neighbours; the scoring cost is paid once per interval.
+        self.since_trim += q_pos.shape[1]
+        trim_now = prefill or self.since_trim >= self.schedule.decode.interval
+        if trim_now:
+            self.since_trim = 0
+        self.step = Step(
+            q_pos=q_pos,
+            q_valid=q_valid,
+            has_invalid=has_invalid,
+            prefill=prefill,
+            trim_now=trim_now,
+            seen_slots=self.seen_slots + q_pos.shape[1],
+        )
+        added = q_valid.sum(-1)
+        self.seen_valid = added if self.seen_valid is None else self.seen_valid + added
+        self.seen_slots += q_pos.shape[1]
+
+    def end(self) -> None:
+        self.step = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, kwargs=None, **extra):
+        layer = self.layers[layer_idx]
+        layer.append(key_states, value_states, self.step)
+        if kwargs is not None:
+            # the attention function receives this same dict: it is how it finds the layer and the step
+            kwargs["pyramid"] = (self, layer_idx)
+        return layer.keys, layer.values
+
+    def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """Remember the recent queries, then trim the layer (and, in drop mode, plan what goes on)."""
+        layer, step, schedule = self.layers[layer_idx], self.step, self.schedule
+        layer.remember_queries(query, step)
+        k_max = layer.due(schedule, self.seen_slots, step.trim_now)
+        m_max = self._forward_due(layer_idx)
+        if k_max is not None or m_max is not None:
+            scores = layer.scores(schedule, scaling)
+            if m_max is not None:  # scored over all of this pass's tokens, before the layer is cut
+                self._plan_forward(layer_idx, scores.mean(1, keepdim=True), m_max)
+            if k_max is not None:
+                layer.trim(scores, schedule, self.seen_valid, k_max)
+        if layer.is_sliding:
+            layer.trim_window()
+
+    def _forward_due(self, layer_idx: int) -> int | None:
+        ratio = self.forward_ratio[layer_idx]
+        step = self.step
+        if self.schedule.prefill_mode != "drop" or not step.prefill or ratio is None or ratio >= 1.0:
+            return None
+        m_max = kept_tokens(ratio, self.seen_slots, self.schedule.sinks, self.schedule.window)
+        return m_max if m_max < step.q_pos.shape[1] else None
+
+    def _plan_forward(self, layer_idx: int, scores: torch.Tensor, m_max: int) -> None:
+        step, s = self.step, self.schedule
+        valid = step.q_valid[:, None, :]
+        keep = selection.kept_counts(self.forward_ratio[layer_idx], self.seen_valid, s.sinks, s.window)
+        idx, kept = selection.choose(scores, valid, selection.protected_mask(valid, s.sinks, s.window), keep, m_max)
+        step.forward_idx = idx[:, 0]
+        step.kept_idx = idx[:, 0] if step.kept_idx is None else torch.gather(step.kept_idx, 1, idx[:, 0])
+        step.q_pos = torch.gather(step.q_pos, 1, step.forward_idx)
+        # without padding every row keeps all m_max slots, so has_invalid stays as it was
+        step.q_valid = torch.gather(step.q_valid, 1, step.forward_idx) & kept[:, 0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.seen_valid is not None:
+            self.seen_valid = self.seen_valid.index_select(0, beam_idx.to(self.seen_valid.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.seen_valid is not None:
+            self.seen_valid = self.seen_valid[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.seen_valid is not None:
+            self.seen_valid = self.seen_valid.repeat_interleave(repeats, dim=0)
+
+    def stored_lengths(self) -> list[int]:
+        return [layer.stored() for layer in self.layers]
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes the cache really holds in keys and values (any transformers Cache)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def cache_bytes(cache: Cache) -> int:
+    """All bytes the cache holds: keys, values and our per-slot bookkeeping (positions, validity, recent queries)."""
+    total = kv_bytes(cache)
+    for layer in getattr(cache, "layers", []):
+        for name in ("pos", "valid", "q_buf", "q_buf_pos", "q_buf_valid"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

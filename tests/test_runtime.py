@@ -1,0 +1,200 @@
+"""Runtime correctness on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+import runtime
+from runtime import Decode, Schedule, Selection
+
+GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def schedule_for(net, ratios=None, **kw) -> Schedule:
+    n = net.config.num_hidden_layers
+    if ratios is None:
+        ratios = [max(0.2, 1.0 - 0.25 * i) for i in range(n)]  # non-increasing
+    kw.setdefault("window", 8)
+    kw.setdefault("sinks", 2)
+    return Schedule(ratios=ratios, **kw)
+
+
+def prompts(seed=1, lengths=(70, 52)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (1, n), generator=g) for n in lengths]
+
+
+def left_pad(rows):
+    n = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - r.shape[1] :] = r[0]
+        mask[i, n - r.shape[1] :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_all_ones_reproduces_stock_generation(family, attn):
+    model = tiny_model(family)
+    model.set_attn_implementation(attn)
+    ids, mask = left_pad(prompts())
+    stock = model.generate(ids, attention_mask=mask, max_new_tokens=24, **GREEDY)
+    with runtime.apply(model, schedule_for(model, [1.0] * model.config.num_hidden_layers), attn=attn):
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=24, **GREEDY)
+    assert torch.equal(stock, ours)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["evict", "drop"])
+@pytest.mark.parametrize("per_head", [True, False])
+def test_padded_batch_equals_each_row_alone(family, mode, per_head):
+    model = tiny_model(family)
+    sched = schedule_for(model, prefill_mode=mode, selection=Selection(per_head=per_head))
+    rows = prompts()
+    ids, mask = left_pad(rows)
+    with runtime.apply(model, sched):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=40, return_dict_in_generate=True, **GREEDY)
+        batch_new = out.sequences[:, ids.shape[1] :]
+        for i, row in enumerate(rows):
+            alone = model.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=40, **GREEDY)
+            assert torch.equal(batch_new[i], alone[0, row.shape[1] :]), f"row {i} differs"
+    # rows of different lengths keep different numbers of tokens
+    layer = out.past_key_values.layers[-1]
+    kept = layer.valid[:, 0].sum(-1)
+    assert kept[0] > kept[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stored_lengths_follow_schedule_after_prefill(family):
+    model = tiny_model(family)
+    sched = schedule_for(model)
+    ids = prompts(lengths=(90,))[0]
+    with runtime.apply(model, sched):
+        out = model(ids)
+    cache = out.past_key_values
+    expected = sched.kept_tokens(90)
+    for i, (layer, (compressible, window)) in enumerate(
+        zip(cache.layers, runtime.families.layer_plan(model), strict=True)
+    ):
+        if compressible:
+            assert layer.stored() == expected[i], f"layer {i}"
+            assert bool(layer.valid.all())
+        else:
+            assert layer.stored() == window - 1  # sliding layers keep their own window
+    assert runtime.kv_bytes(cache) == sum(2 * t.keys.numel() * t.keys.element_size() for t in cache.layers)
+
+
+@pytest.mark.parametrize("mode", ["evict", "drop"])
+def test_drop_mode_computes_fewer_tokens_in_deeper_layers(mode):
+    model = tiny_model("llama")
+    sched = schedule_for(model, prefill_mode=mode)
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for layer in model.model.layers]
+    with runtime.apply(model, sched):
+        model(prompts(lengths=(90,))[0])
+    for h in hooks:
+        h.remove()
+    if mode == "evict":
+        assert seen == [90] * 4
+    else:  # layer l+1 receives only what layers >= l+1 may keep
+        assert seen == [90] + sched.kept_tokens(90)[1:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_continuation_in_one_chunk_equals_token_by_token(family):
+    model = tiny_model(family)
+    sched = schedule_for(model, decode=Decode(interval=64))
+    context, cont = prompts(lengths=(80, 20))
+    with runtime.apply(model, sched):
+        c1 = model(context).past_key_values
+        chunk = model(cont, cache=c1).logits[0]
+        c2 = model(context).past_key_values
+        steps = torch.cat([model(cont[:, i : i + 1], cache=c2).logits[0] for i in range(cont.shape[1])])
+    torch.testing.assert_close(chunk, steps, rtol=1e-4, atol=1e-4)
+
+
+def test_sinks_and_window_survive_long_generation():
+    model = tiny_model("llama")
+    sched = schedule_for(model, ratios=[0.5, 0.3, 0.2, 0.1])
+    ids = prompts(lengths=(64,))[0]
+    with runtime.apply(model, sched):
+        out = model.generate(ids, max_new_tokens=512, min_new_tokens=512, return_dict_in_generate=True, **GREEDY)
+    total = 64 + 512 - 1  # the last token is never fed back
+    for i, layer in enumerate(out.past_key_values.layers):
+        pos = layer.pos[0]
+        for h in range(pos.shape[0]):
+            kept = set(pos[h][layer.valid[0, h]].tolist())
+            assert set(range(sched.sinks)) <= kept, f"layer {i} lost a sink"
+            assert set(range(total - sched.window, total)) <= kept, f"layer {i} lost its recent window"
+        # bounded: about ratio x tokens seen, never collapsing to the window
+        target = runtime.schedule.kept_tokens(sched.ratios[i], total, sched.sinks, sched.window)
+        assert target <= layer.stored() < target + sched.decode.interval
+        assert layer.stored() > sched.sinks + sched.window
+
+
+def test_hard_cap_bounds_every_layer():
+    model = tiny_model("llama")
+    sched = schedule_for(model, ratios=[1.0, 0.9, 0.9, 0.9], decode=Decode(interval=8, max_tokens=60))
+    with runtime.apply(model, sched):
+        out = model.generate(prompts(lengths=(50,))[0], max_new_tokens=100, return_dict_in_generate=True, **GREEDY)
+    lengths = out.past_key_values.stored_lengths()
+    assert lengths[0] == 50 + 99
+    assert all(n < 60 + 8 for n in lengths[1:])
+
+
+def test_apply_restores_the_model():
+    model = tiny_model("llama")
+    ids = prompts()[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stock = model.generate(ids, max_new_tokens=10, **GREEDY)
+    with runtime.apply(model, schedule_for(model, prefill_mode="drop")):
+        model.generate(ids, max_new_tokens=10, **GREEDY)
+    assert model.config._attn_implementation == "sdpa"
+    assert "forward" not in vars(model)
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in model.model.layers)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model.generate(ids, max_new_tokens=10, **GREEDY), stock)
+
+
+def test_restores_even_when_the_block_raises():
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError), runtime.apply(model, schedule_for(model, prefill_mode="drop")):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(model) and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_and_shrinks(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    sched = schedule_for(model)
+    ids, mask = left_pad(prompts())
+    with runtime.apply(model, sched):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True, **GREEDY)
+    assert out.past_key_values.layers[0].keys.dtype == dtype
+    assert runtime.kv_bytes(out.past_key_values) < sum(
+        2 * 2 * 2 * (ids.shape[1] + 7) * 16 * dtype.itemsize for _ in range(4)
+    )
+
+
+def test_unsupported_model_and_wrong_schedule_get_clear_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
+    with (
+        pytest.raises(runtime.UnsupportedModelError, match="supported families: Llama"),
+        runtime.apply(gpt2, Schedule(ratios=[1.0, 1.0])),
+    ):
+        pass
+    model = tiny_model("llama")
+    with pytest.raises(runtime.ScheduleError, match="4 layers"), runtime.apply(model, Schedule(ratios=[0.5] * 3)):
+        pass
+    other = tiny_model("qwen2")
+    calibrated = schedule_for(model, model=runtime.model_info(model, "tiny-llama"))
+    with pytest.raises(runtime.ScheduleError, match="calibrated for 'tiny-llama'"), runtime.apply(other, calibrated):
+        pass
+    with runtime.apply(model, calibrated), pytest.raises(ValueError, match="use_cache=False"):
+        model(prompts()[0], use_cache=False)
