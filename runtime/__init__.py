@@ -6,24 +6,29 @@
         out = model.generate(**batch, max_new_tokens=64, return_dict_in_generate=True)
     runtime.kv_bytes(out.past_key_values)
 
-This package must stay lean: it never imports calibrate, optuna, datasets or scipy.
+This package must stay lean: it never imports calibrate, optuna, datasets or scipy. The names that need torch
+and transformers load on first use, so reading a schedule stays fast.
 """
+
+from importlib import import_module
 
 from .schedule import Decode, ModelInfo, Schedule, ScheduleError, Selection, load_schedule
 
-__all__ = ["Decode", "ModelInfo", "Schedule", "ScheduleError", "Selection", "load_schedule"]
+_LAZY = {
+    "apply": "integration",
+    "new_cache": "integration",
+    "PyramidCache": "cache",
+    "cache_bytes": "cache",
+    "kv_bytes": "cache",
+    "FAMILIES": "families",
+    "UnsupportedModelError": "families",
+    "model_info": "families",
+}
 
-from .apply import apply, new_cache  # noqa: E402
-from .cache import PyramidCache, cache_bytes, kv_bytes  # noqa: E402
-from .families import FAMILIES, UnsupportedModelError, model_info  # noqa: E402
+__all__ = ["Decode", "ModelInfo", "Schedule", "ScheduleError", "Selection", "load_schedule", *_LAZY]
 
-__all__ += [
-    "apply",
-    "new_cache",
-    "PyramidCache",
-    "cache_bytes",
-    "kv_bytes",
-    "FAMILIES",
-    "UnsupportedModelError",
-    "model_info",
-]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

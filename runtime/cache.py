@@ -7,6 +7,7 @@ their true positions for RoPE.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,9 @@ class PyramidLayer(DynamicLayer):
         self.sliding_window = sliding_window  # the mask's limit, where the model has one
         # a sliding-window layer that is not compressed keeps its own window, like transformers' own layer
         self.is_sliding = sliding_window is not None and not compressible
+        self.plan_compressible = compressible  # what the model allows, whatever the ratio
         self.compressible = compressible and ratio < 1.0
+        self.scaling: float | None = None  # the attention's softmax scale, seen at the first pass
         self.query_window = query_window
         self.pos: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
@@ -244,6 +247,7 @@ class PyramidCache(Cache):
     def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Remember the recent queries, then trim the layer (and, in drop mode, plan what goes on)."""
         layer, step, schedule = self.layers[layer_idx], self.step, self.schedule
+        layer.scaling = scaling
         layer.remember_queries(query, step)
         k_max = layer.due(schedule, self.seen_slots, step.trim_now)
         m_max = self._forward_due(layer_idx)
@@ -289,6 +293,37 @@ class PyramidCache(Cache):
         super().batch_repeat_interleave(repeats)
         if self.seen_valid is not None:
             self.seen_valid = self.seen_valid.repeat_interleave(repeats, dim=0)
+
+    def fork(self, schedule: Schedule) -> PyramidCache:
+        """A new cache under `schedule` that starts from this one's contents (shares tensors, copies nothing).
+
+        Calibration prefills once with an all-ones schedule and a wide query window, then forks that cache for
+        every candidate schedule and calls `compress_now`: evict mode needs no second prefill.
+        """
+        other = PyramidCache.__new__(PyramidCache)
+        Cache.__init__(other, layers=[copy.copy(layer) for layer in self.layers])
+        other.schedule = schedule
+        other.seen_slots, other.seen_valid, other.step, other.since_trim = self.seen_slots, self.seen_valid, None, 0
+        other.forward_ratio = [None] * len(other.layers)
+        for layer, ratio in zip(other.layers, schedule.ratios, strict=True):
+            layer.ratio = ratio
+            layer.compressible = ratio < 1.0 and not layer.is_sliding and layer.plan_compressible
+            layer.query_window = schedule.window
+            if layer.q_buf is not None:
+                w = schedule.window
+                layer.q_buf, layer.q_buf_pos, layer.q_buf_valid = (
+                    layer.q_buf[:, :, -w:],
+                    layer.q_buf_pos[:, -w:],
+                    layer.q_buf_valid[:, -w:],
+                )
+        return other
+
+    def compress_now(self) -> None:
+        """Trim every layer to its share of the tokens seen so far, as right after a prefill."""
+        for layer in self.layers:
+            k_max = layer.due(self.schedule, self.seen_slots, trim_now=True)
+            if k_max is not None:
+                layer.trim(layer.scores(self.schedule, layer.scaling), self.schedule, self.seen_valid, k_max)
 
     def stored_lengths(self) -> list[int]:
         return [layer.stored() for layer in self.layers]

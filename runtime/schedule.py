@@ -114,6 +114,9 @@ class Schedule:
         return write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def with_ratios(self, ratios: list[float], **changes: Any) -> Schedule:
+        changes.setdefault("selection", dataclasses.replace(self.selection))
+        changes.setdefault("decode", dataclasses.replace(self.decode))
+        changes.setdefault("provenance", dict(self.provenance))
         return dataclasses.replace(self, ratios=list(ratios), **changes)
 
 
@@ -132,6 +135,9 @@ def write_atomic(path: Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file should look like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -164,10 +170,20 @@ def validate(s: Schedule) -> None:
         v = getattr(s, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             _fail(name, f"{v!r} is not a non-negative integer", "use a whole number >= 0")
+    if s.context_length < 1:
+        _fail("context_length", "must be at least 1", "give the prompt length the budget refers to, e.g. 2048")
     if s.window < 1:
         _fail("window", "must be at least 1", "the recent window scores the context; use e.g. 32")
+    if not isinstance(s.name, str):
+        _fail("name", f"{s.name!r} is not a string", "use a short text name")
+    if not isinstance(s.provenance, dict):
+        _fail("provenance", "is not an object", "use a JSON object (or {})")
+    if not isinstance(s.selection, Selection) or not isinstance(s.decode, Decode):
+        _fail("selection", "or decode is not an object", "give JSON objects for selection and decode")
     if s.prefill_mode not in ("evict", "drop"):
         _fail("prefill_mode", f"{s.prefill_mode!r} is unknown", "use 'evict' or 'drop'")
+    if s.budget is not None and (not isinstance(s.budget, (int, float)) or isinstance(s.budget, bool)):
+        _fail("budget", f"{s.budget!r} is not a number", "use a mean KV fraction in (0, 1] or null")
     if s.budget is not None and not (math.isfinite(s.budget) and 0.0 < s.budget <= 1.0):
         _fail("budget", f"{s.budget} is outside (0, 1]", "use a mean KV fraction in (0, 1]")
     sel = s.selection
@@ -232,6 +248,9 @@ def from_dict(data: Any) -> Schedule:
         isinstance(r, (int, float)) and not isinstance(r, bool) for r in data["ratios"]
     ):
         _fail("ratios", "is not a list of numbers", "give one retention ratio per layer")
+    for key in ("selection", "decode"):
+        if key in data and data[key] is None:
+            _fail(key, "is null", "remove it to use the defaults, or give an object")
     for key, cls in (("selection", Selection), ("decode", Decode), ("model", ModelInfo)):
         if data.get(key) is not None:
             try:

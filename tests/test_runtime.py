@@ -77,9 +77,8 @@ def test_stored_lengths_follow_schedule_after_prefill(family):
         out = model(ids)
     cache = out.past_key_values
     expected = sched.kept_tokens(90)
-    for i, (layer, (compressible, window)) in enumerate(
-        zip(cache.layers, runtime.families.layer_plan(model), strict=True)
-    ):
+    plan = runtime.families.layer_plan(model)
+    for i, (layer, (compressible, window)) in enumerate(zip(cache.layers, plan, strict=True)):
         if compressible:
             assert layer.stored() == expected[i], f"layer {i}"
             assert bool(layer.valid.all())

@@ -1,0 +1,78 @@
+"""Distribute a retention budget over layers from measured per-layer sensitivity curves (pure functions).
+
+`curves[l][g]` is the output KL when only layer l keeps `grid[g]` of its context. Minimising the sum of those
+KLs under a fixed mean ratio is a separable resource-allocation problem: on the lower convex hull of each curve,
+spending ratio where the KL falls fastest per unit ratio is optimal (water-filling on marginal KL reduction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def convex_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower convex hull of (ratio, kl) points sorted by ratio."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(points):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
+                hull.pop()  # hull[-1] lies on or above the chord: not on the lower hull
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def water_fill(
+    curves: Sequence[Sequence[float]],
+    grid: Sequence[float],
+    mean_ratio: float,
+    compressible: Sequence[bool] | None = None,
+    exponent: float = 1.0,
+) -> list[float]:
+    """Per-layer ratios with the given mean over compressible layers that minimise the summed curve values.
+
+    The curves are taken to reach 0 at ratio 1. `exponent` reshapes them (KL ** exponent) before allocating, a
+    knob the search uses to correct for layers whose errors do not simply add up.
+    """
+    n = len(curves)
+    compressible = list(compressible) if compressible is not None else [True] * n
+    idx = [i for i in range(n) if compressible[i]]
+    lo = min(grid)
+    ratios = [1.0] * n
+    if not idx:
+        return ratios
+    target = mean_ratio * len(idx)
+    if target <= lo * len(idx):
+        for i in idx:
+            ratios[i] = lo
+        return ratios
+    segments = []  # (slope, layer, start, end): slope = KL gained per unit of ratio, most negative first
+    for i in idx:
+        pts = [(float(g), max(float(v), 0.0) ** exponent) for g, v in zip(grid, curves[i], strict=True)]
+        pts.append((1.0, 0.0))
+        hull = convex_hull(pts)
+        for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
+            segments.append(((y2 - y1) / (x2 - x1), i, x1, x2))
+        ratios[i] = hull[0][0]
+    spend = target - sum(ratios[i] for i in idx)
+    # hull slopes rise along each layer, so taking segments by slope keeps every layer's segments in order
+    for slope, i, x1, x2 in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
+        if spend <= 0:
+            break
+        if slope >= 0:
+            break  # nothing left to gain; the rest is spread below
+        step = min(x2 - x1, spend)
+        ratios[i] = x1 + step
+        spend -= step
+    if spend > 1e-12:  # every curve is flat from here: spread what remains evenly
+        for i in idx:
+            add = min(1.0 - ratios[i], spend / len(idx))
+            ratios[i] += add
+    return ratios
+
+
+def blend(a: Sequence[float], b: Sequence[float], weight: float) -> list[float]:
+    """(1 - weight) * a + weight * b, element-wise."""
+    return [(1 - weight) * x + weight * y for x, y in zip(a, b, strict=True)]

@@ -1,0 +1,131 @@
+"""`calibrate bench`: stock model vs a schedule, side by side in one run: speed, KV bytes, memory, batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ORDER = 40
+
+EXAMPLES = """\
+examples:
+  calibrate bench                                    # SmolLM2, pyramidkv:0.3 drop mode, batch 8, 2048 tokens
+  calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json --dtype bfloat16
+  calibrate bench --schedule ones --repeats 3        # the all-ones schedule must run at stock speed
+  calibrate bench --batch 4 --context 1024 --new-tokens 32 --out bench.json
+  calibrate bench --device cuda --dtype bfloat16 --kv-limit-mb 2048
+
+Stock and schedule runs alternate; each figure is the median over --repeats, and only the ratios, measured
+side by side in the same run, are meant to be compared. The largest batch is the KV-memory limit divided by
+the measured peak KV bytes per row (default limit: what the stock cache needs at --batch).
+"""
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "bench",
+        help="compare the stock model and a schedule: prefill, decode, KV bytes, peak memory, largest batch",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="hub id, model folder or .gguf file (default: the embedded SmolLM2-135M)")
+    p.add_argument("--schedule", default="pyramidkv:0.3", help="schedule file or KIND:BUDGET (default pyramidkv:0.3)")
+    p.add_argument("--mode", choices=["evict", "drop"], help="override the schedule's prefill mode (reference: drop)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=2048, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--kv-limit-mb", type=float, help="KV memory limit for the largest-batch figure")
+    p.add_argument("--data", nargs="+", help="text to cut prompts from (default: ../shared/data/gutenberg)")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from runtime.schedule import ScheduleError, write_atomic
+
+    from .. import bench, data
+    from ..models import load_model
+    from ..schedule_spec import resolve_schedule
+
+    for name in ("batch", "context", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ScheduleError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    limit = model.config.max_position_embeddings
+    if args.context + args.new_tokens > limit:
+        raise ScheduleError(
+            f"--context {args.context} + --new-tokens {args.new_tokens} exceeds the model's {limit} positions; "
+            "use a shorter context"
+        )
+    schedule = resolve_schedule(args.schedule, model, args.context)
+    if args.mode or ":" in args.schedule:
+        schedule = dataclasses.replace(schedule, prefill_mode=args.mode or "drop")
+    sources = args.data or [default_text()]
+    stream = data.token_stream(tok, data.load_texts(sources))
+    ids = data.cut_windows(stream, args.context, args.batch).to(model.device)
+    mask = torch_ones(ids)
+    print(
+        f"model {model.config.model_type} {args.dtype} on {model.device}; schedule {schedule.name or args.schedule} "
+        f"({schedule.prefill_mode}, KV fraction {schedule.kv_fraction(args.context):.3f} at {args.context} tokens); "
+        f"batch {ids.shape[0]}, {args.new_tokens} new tokens"
+    )
+    result = bench.compare(
+        model,
+        ids,
+        mask,
+        schedule,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        kv_limit_bytes=int(args.kv_limit_mb * 2**20) if args.kv_limit_mb else None,
+        progress=lambda msg: print("  " + msg, flush=True),
+    )
+    result.update(
+        model=str(args.model or "SmolLM2-135M-Instruct"),
+        dtype=args.dtype,
+        device=str(model.device),
+        device_name=device_name(model.device),
+        schedule_name=schedule.name or args.schedule,
+        prefill_mode=schedule.prefill_mode,
+        kv_fraction=schedule.kv_fraction(args.context),
+    )
+    print(bench.format_table(result))
+    if args.out:
+        write_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def torch_ones(ids):
+    import torch
+
+    return torch.ones_like(ids)
+
+
+def default_text() -> str:
+    from ..paths import shared_data
+
+    folder = shared_data() / "gutenberg"
+    if not folder.is_dir():
+        from ..errors import CalibrateError
+
+        raise CalibrateError(f"no default text at {folder}; pass --data with a text file")
+    return str(folder)
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"

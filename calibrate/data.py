@@ -1,0 +1,159 @@
+"""Text for calibration and benchmarks: local files, folders, JSONL, or `datasets` names, cut into token windows.
+
+Local files are read through `datasets` fully offline. Windows are cut from one token stream per source;
+calibration and validation windows come from disjoint parts of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CalibrateError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".raw", ""}
+JSON_SUFFIXES = {".jsonl", ".json"}
+
+
+class DataError(CalibrateError):
+    pass
+
+
+def _files_in(folder: Path) -> list[Path]:
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and (p.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES) and not p.name.startswith(".")
+    )
+    files = [p for p in files if p.suffix.lower() in JSON_SUFFIXES or p.suffix.lower() in {".txt", ".md", ".raw"}]
+    if not files:
+        raise DataError(f"folder '{folder}' holds no .txt, .md, .raw or .jsonl files; point --data at text files")
+    return files
+
+
+def strip_gutenberg(text: str) -> str:
+    """Drop the Project Gutenberg licence header and footer, which are the same in every book."""
+    start = re.search(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*?\*\*\*", text)
+    end = re.search(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text)
+    if start:
+        text = text[start.end() : end.start() if end else None]
+    return text.strip()
+
+
+def _read_local(path: Path, text_field: str) -> list[str]:
+    import datasets
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    datasets.disable_progress_bars()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in JSON_SUFFIXES:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            if text_field not in ds.column_names:
+                raise DataError(
+                    f"'{path}' has no '{text_field}' field (fields: {', '.join(ds.column_names)}); "
+                    "pass --text-field NAME"
+                )
+            return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+        ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+        return [strip_gutenberg(t) for t in ds["text"] if t.strip()]
+    except DataError:
+        raise
+    except Exception as e:  # datasets wraps decode and parse errors in many types
+        msg = " ".join(str(e).split())[:200]
+        raise DataError(f"cannot read '{path}': {msg}; check that it is UTF-8 text or JSONL") from None
+
+
+def load_texts(specs: list[str | os.PathLike], text_field: str = "text") -> list[str]:
+    """Documents from files, folders, JSONL files, or (on a connected machine) `datasets` names."""
+    texts: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            for f in _files_in(path):
+                texts += _read_local(f, text_field)
+        elif path.is_file():
+            if not os.access(path, os.R_OK):
+                raise DataError(f"cannot read '{path}': permission denied")
+            texts += _read_local(path, text_field)
+        elif os.sep in str(spec) or path.suffix:
+            raise DataError(f"data path '{spec}' does not exist; check the path")
+        else:
+            texts += _read_hub(str(spec), text_field)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"no text found in {', '.join(map(str, specs))}; give files with text in them")
+    return texts
+
+
+def _read_hub(name: str, text_field: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise DataError(
+            f"'{name}' is neither a local path nor a loadable dataset ({' '.join(str(e).split())[:120]}); "
+            "give a text file, folder or JSONL file"
+        ) from None
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset '{name}' has no '{text_field}' field; pass --text-field NAME")
+    return [t for t in ds[text_field] if isinstance(t, str)]
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One long stream of token ids: documents joined by a blank line."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class Windows:
+    """Token windows of `context + continuation` tokens: prefill the context, score the continuation."""
+
+    ids: torch.Tensor  # [N, context + continuation]
+    context: int
+
+    @property
+    def continuation(self) -> int:
+        return self.ids.shape[1] - self.context
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def cut_windows(stream: torch.Tensor, length: int, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` non-overlapping windows of `length` tokens, spread evenly over the stream (seeded offset)."""
+    slots = stream.numel() // length
+    if slots < 1:
+        raise DataError(
+            f"the data has {stream.numel()} tokens, fewer than one window of {length}; give more text or a shorter "
+            "--context-length"
+        )
+    count = min(count, slots)
+    g = torch.Generator().manual_seed(seed)
+    offset = int(torch.randint(0, stream.numel() - slots * length + 1, (1,), generator=g))
+    picks = torch.linspace(0, slots - 1, count).round().long().tolist()
+    return torch.stack([stream[offset + p * length : offset + (p + 1) * length] for p in picks])
+
+
+def calibration_split(
+    stream: torch.Tensor, length: int, n_calib: int, n_valid: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration windows from the first part of the stream, validation windows from the rest (disjoint)."""
+    need = (n_calib + n_valid) * length
+    if stream.numel() < need:
+        if stream.numel() < 2 * length:
+            raise DataError(
+                f"the data has {stream.numel()} tokens; calibration needs at least {2 * length} "
+                f"(two windows of {length}); give more text or a shorter --context-length"
+            )
+        n_calib = n_valid = max(1, stream.numel() // length // 2)
+    cut = stream.numel() * n_calib // (n_calib + n_valid)
+    return cut_windows(stream[:cut], length, n_calib, seed), cut_windows(stream[cut:], length, n_valid, seed + 1)

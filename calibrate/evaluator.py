@@ -1,0 +1,139 @@
+"""Score schedules end to end, cheaply: prefill once, then fork the cache for every candidate.
+
+Each example is a context (prefilled and compressed) and a continuation fed teacher-forced after compression.
+The full-cache prefill and the full-cache continuation log-probabilities are computed once; a candidate schedule
+(evict mode) only costs trimming the forked cache and one forward pass over the continuations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+import runtime
+from runtime.cache import PyramidCache
+from runtime.schedule import Schedule
+
+
+@dataclass
+class Example:
+    """`context` is compressed; `continuation` is scored where `scored` is True (predictions of those tokens)."""
+
+    context: torch.Tensor  # [C]
+    continuation: torch.Tensor  # [M]
+    scored: torch.Tensor  # [M] bool: which continuation tokens count (the first one is predicted by the prefill)
+    kind: str = "text"  # "text" (KL, perplexity) or "retrieval" (also exact match of the scored tokens)
+
+
+@dataclass
+class Scores:
+    kl: float  # mean KL(full || compressed) per scored token, nats
+    nll: float  # mean negative log-likelihood of the scored tokens under the compressed cache
+    accuracy: float | None  # retrieval examples: share whose scored tokens are all argmax-correct
+    per_example_kl: list[float]
+    per_example_correct: list[bool | None]
+
+    @property
+    def ppl(self) -> float:
+        return float(torch.tensor(self.nll).exp())
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class Evaluator:
+    """Holds the prefilled full caches and reference distributions of a fixed set of examples."""
+
+    def __init__(
+        self,
+        model,
+        examples: Sequence[Example],
+        query_window: int = 64,
+        sinks: int = 4,
+        batch_size: int = 4,
+        progress: Callable[[str, int], None] | None = None,
+    ):
+        if not examples:
+            raise ValueError("no examples to evaluate on")
+        lengths = {(e.context.numel(), e.continuation.numel()) for e in examples}
+        if len(lengths) != 1:
+            raise ValueError(f"examples must share context and continuation lengths, got {sorted(lengths)}")
+        self.model = model
+        self.examples = list(examples)
+        self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.query_window = query_window
+        # the probe keeps everything and remembers `query_window` recent queries per layer
+        self.probe = Schedule(ratios=[1.0] * self.layers, window=query_window, sinks=sinks)
+        self.batches = _batches(len(self.examples), batch_size)
+        self.caches: list[PyramidCache] = []
+        self.reference: list[torch.Tensor] = []  # per batch: log-probs [b, M, V] at scored positions (rest unused)
+        device = model.device
+        with torch.inference_mode(), runtime.apply(model, self.probe):
+            for i, idx in enumerate(self.batches):
+                ctx = torch.stack([self.examples[j].context for j in idx]).to(device)
+                out = model(ctx, logits_to_keep=1)
+                self.caches.append(out.past_key_values)
+                self.reference.append(self._continuation_logprobs(idx, self.probe))
+                if progress:
+                    progress("prefill", i + 1)
+
+    @property
+    def context_length(self) -> int:
+        return self.examples[0].context.numel()
+
+    def _continuation_logprobs(self, idx: range, schedule: Schedule, cache: PyramidCache | None = None):
+        if cache is None:
+            cache = self.caches[self.batches.index(idx)].fork(schedule)
+        cont = torch.stack([self.examples[j].continuation for j in idx]).to(self.model.device)
+        logits = self.model(cont, cache=cache).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def compressed_cache(self, batch: int, schedule: Schedule) -> PyramidCache:
+        cache = self.caches[batch].fork(schedule)
+        cache.compress_now()
+        return cache
+
+    @torch.inference_mode()
+    def score(self, schedule: Schedule) -> Scores:
+        """Evict-mode scores of `schedule` on every example."""
+        if schedule.window > self.query_window:
+            raise ValueError(f"schedule window {schedule.window} exceeds the probe's {self.query_window}")
+        kl_sum = nll_sum = 0.0
+        count = 0
+        per_kl: list[float] = []
+        per_ok: list[bool | None] = []
+        with runtime.apply(self.model, schedule):
+            for b, idx in enumerate(self.batches):
+                cache = self.compressed_cache(b, schedule)
+                logp = self._continuation_logprobs(idx, schedule, cache)
+                ref = self.reference[b]
+                for row, j in enumerate(idx):
+                    ex = self.examples[j]
+                    # logits at continuation position t predict continuation token t+1
+                    sel = ex.scored[1:].to(logp.device)
+                    targets = ex.continuation[1:].to(logp.device)[sel]
+                    lp, rp = logp[row, :-1][sel], ref[row, :-1][sel]
+                    kl = (rp.exp() * (rp - lp)).sum(-1)
+                    nll = -lp.gather(-1, targets[:, None])[:, 0]
+                    kl_sum += float(kl.sum())
+                    nll_sum += float(nll.sum())
+                    count += int(sel.sum())
+                    per_kl.append(float(kl.mean()))
+                    if ex.kind == "retrieval":
+                        per_ok.append(bool((lp.argmax(-1) == targets).all()))
+                    else:
+                        per_ok.append(None)
+        oks = [o for o in per_ok if o is not None]
+        return Scores(
+            kl=kl_sum / max(count, 1),
+            nll=nll_sum / max(count, 1),
+            accuracy=(sum(oks) / len(oks)) if oks else None,
+            per_example_kl=per_kl,
+            per_example_correct=per_ok,
+        )
+
+    def full_accuracy(self) -> float | None:
+        return self.score(self.probe).accuracy

@@ -1,0 +1,268 @@
+"""Per-layer measurements that calibration rests on, saved as safetensors plus a JSON summary.
+
+- Recent attention consistency (PyramidInfer's RAC): the share of the attention that future tokens put on the
+  context keys that the recent window's attention would keep, at a grid of retention ratios (recall curves), the
+  overlap of the two top sets, and how recall changes with the size of the recent window.
+- Output sensitivity: the KL against the full cache when only one layer is compressed, at the same grid. This is
+  the signal the allocation uses: attention recall is a poor proxy for what the output needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import runtime
+from runtime.schedule import Schedule, Selection, write_atomic
+
+from .evaluator import Evaluator
+
+GRID = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+WINDOWS = (8, 16, 32, 64)
+
+
+@dataclass
+class Profile:
+    grid: list[float]
+    windows: list[int]
+    recall: torch.Tensor  # [L, G] future attention share kept at each ratio (recent-window selection)
+    overlap: torch.Tensor  # [L, G] |top by recent ∩ top by future| / k
+    window_recall: torch.Tensor  # [L, W] recall at ratio 0.2 for each recent-window size
+    sensitivity: torch.Tensor  # [L, G] KL when only this layer is compressed at each ratio
+    compressible: list[bool]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.recall.shape[0]
+
+    def ratio_for_recall(self, level: float) -> list[float]:
+        """Per layer, the smallest ratio that keeps `level` of the future attention (linear interpolation)."""
+        out = []
+        for row in self.recall.tolist():
+            pts = list(zip([0.0, *self.grid, 1.0], [0.0, *row, 1.0], strict=True))
+            r = 1.0
+            for (x1, y1), (x2, y2) in zip(pts, pts[1:], strict=False):
+                if y2 >= level:
+                    r = x1 + (x2 - x1) * (level - y1) / (y2 - y1) if y2 > y1 else x2
+                    break
+            out.append(float(min(1.0, max(0.0, r))))
+        return out
+
+    def decay_fit(self, level: float = 0.95) -> dict[str, float]:
+        """Fit r(l) = a * exp(-b * l / L) + c to the per-layer ratio for `level` (PyramidInfer's decay)."""
+        from scipy.optimize import curve_fit
+
+        y = [r for r, c in zip(self.ratio_for_recall(level), self.compressible, strict=True) if c]
+        x = [i / self.num_layers for i, c in enumerate(self.compressible) if c]
+        if len(y) < 4:
+            return {}
+
+        def f(x, a, b, c):
+            return a * torch.exp(-b * torch.as_tensor(x)).numpy() + c
+
+        try:
+            (a, b, c), _ = curve_fit(f, x, y, p0=(0.5, 1.0, 0.1), maxfev=20000)
+        except RuntimeError:
+            return {}
+        pred = f(x, a, b, c)
+        ss_res = float(sum((yi - pi) ** 2 for yi, pi in zip(y, pred, strict=True)))
+        mean = sum(y) / len(y)
+        ss_tot = float(sum((yi - mean) ** 2 for yi in y)) or 1e-12
+        return {"a": float(a), "b": float(b), "c": float(c), "r2": 1 - ss_res / ss_tot, "level": level}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "grid": self.grid,
+            "windows": self.windows,
+            "compressible": self.compressible,
+            "ratio_for_90pct_recall": self.ratio_for_recall(0.9),
+            "ratio_for_95pct_recall": self.ratio_for_recall(0.95),
+            "decay_fit_95pct": self.decay_fit(0.95),
+            "sensitivity": self.sensitivity.tolist(),
+            "recall": self.recall.tolist(),
+            "overlap": self.overlap.tolist(),
+            "window_recall": self.window_recall.tolist(),
+            "meta": self.meta,
+        }
+
+    def save(self, stem: str | Path) -> tuple[Path, Path]:
+        """Write `<stem>.profile.safetensors` (tensors) and `<stem>.profile.json` (summary), atomically."""
+        stem = Path(stem)
+        tensors_path = stem.with_name(stem.name + ".profile.safetensors")
+        json_path = stem.with_name(stem.name + ".profile.json")
+        tmp = tensors_path.with_name("." + tensors_path.name + ".tmp")
+        tensors = {k: getattr(self, k).contiguous() for k in ("recall", "overlap", "window_recall", "sensitivity")}
+        save_file(tensors, str(tmp), metadata={"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)})
+        tmp.replace(tensors_path)
+        write_atomic(json_path, json.dumps(self.summary(), indent=2) + "\n")
+        return tensors_path, json_path
+
+    @classmethod
+    def load(cls, stem: str | Path) -> Profile:
+        stem = Path(stem)
+        base = stem.name.removesuffix(".json").removesuffix(".profile")
+        folder = stem.parent
+        summary = json.loads((folder / f"{base}.profile.json").read_text())
+        t = load_file(str(folder / f"{base}.profile.safetensors"))
+        return cls(
+            grid=summary["grid"],
+            windows=summary["windows"],
+            recall=t["recall"],
+            overlap=t["overlap"],
+            window_recall=t["window_recall"],
+            sensitivity=t["sensitivity"],
+            compressible=summary["compressible"],
+            meta=summary.get("meta", {}),
+        )
+
+    def table(self) -> str:
+        r90, r95 = self.ratio_for_recall(0.9), self.ratio_for_recall(0.95)
+        g = self.grid
+        i02 = min(range(len(g)), key=lambda i: abs(g[i] - 0.2))
+        head = (
+            f"{'layer':>5} {'r@90%':>6} {'r@95%':>6} {'recall@' + format(g[i02], 'g'):>11} "
+            f"{'overlap':>8} {'KL@' + format(g[i02], 'g'):>9} {'KL@' + format(g[0], 'g'):>9}"
+        )
+        lines = [head]
+        for layer in range(self.num_layers):
+            if not self.compressible[layer]:
+                lines.append(f"{layer:>5}  (sliding window: not compressed)")
+                continue
+            lines.append(
+                f"{layer:>5} {r90[layer]:>6.2f} {r95[layer]:>6.2f} {float(self.recall[layer, i02]):>11.3f} "
+                f"{float(self.overlap[layer, i02]):>8.3f} {float(self.sensitivity[layer, i02]):>9.4f} "
+                f"{float(self.sensitivity[layer, 0]):>9.4f}"
+            )
+        fit = self.decay_fit(0.95)
+        if fit:
+            lines.append(
+                f"decay fit of r@95%: {fit['a']:.3f} * exp({-fit['b']:+.2f} * l/L) {fit['c']:+.3f}"
+                f" (R^2 {fit['r2']:.2f})"
+            )
+        return "\n".join(lines)
+
+
+def _attention_recall(
+    recent: torch.Tensor,  # [B, H, T] recent-window scores over the context keys
+    future_q: torch.Tensor,  # [B, Hq, M, D]
+    future_pos: torch.Tensor,  # [B, M]
+    keys: torch.Tensor,  # [B, H, T + M, D]
+    pos: torch.Tensor,  # [B, H, T + M]
+    selectable: torch.Tensor,  # [T] bool: context keys a schedule may drop (not sinks, not the recent window)
+    scaling: float,
+    grid: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall and overlap at each grid ratio, averaged over rows, heads and future queries."""
+    b, hq, m, d = future_q.shape
+    h = keys.shape[1]
+    g = hq // h
+    t = selectable.numel()
+    q = future_q.reshape(b, h, g * m, d)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling
+    visible = pos[:, :, None, :] <= future_pos.repeat(1, g)[:, None, :, None]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)[..., :t]  # [B, H, G*M, T]
+    probs = probs[..., selectable]
+    mass = probs.sum(-1).clamp_min(1e-12)  # attention on selectable context keys
+    rec = recent[..., selectable]
+    future_mean = probs.mean(2)  # [B, H, Tsel]
+    order = torch.argsort(rec, dim=-1, descending=True)
+    future_order = torch.argsort(future_mean, dim=-1, descending=True)
+    n_sel = rec.shape[-1]
+    recalls, overlaps = [], []
+    for ratio in grid:
+        k = max(1, math.ceil(ratio * n_sel))
+        keep = torch.zeros_like(rec, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+        recalls.append(float((probs * keep[:, :, None, :]).sum(-1).div(mass).mean()))
+        top_future = torch.zeros_like(keep).scatter_(-1, future_order[..., :k], True)
+        overlaps.append(float((keep & top_future).sum(-1).float().div(k).mean()))
+    return torch.tensor(recalls), torch.tensor(overlaps)
+
+
+@torch.inference_mode()
+def measure(
+    model,
+    evaluator: Evaluator,
+    sinks: int = 4,
+    window: int = 32,
+    selection: Selection | None = None,
+    grid: tuple[float, ...] = GRID,
+    windows: tuple[int, ...] = WINDOWS,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Profile:
+    """Recall curves on the evaluator's examples, then single-layer sensitivity curves."""
+    selection = selection or Selection()
+    layers = evaluator.layers
+    plan = runtime.families.layer_plan(model)
+    compressible = [c for c, _ in plan]
+    grid = list(grid)
+    windows = [w for w in windows if w <= evaluator.query_window]
+    recall = torch.zeros(layers, len(grid))
+    overlap = torch.zeros(layers, len(grid))
+    window_recall = torch.zeros(layers, len(windows))
+    i02 = min(range(len(grid)), key=lambda i: abs(grid[i] - 0.2))
+    n_batches = len(evaluator.batches)
+    m = evaluator.examples[0].continuation.numel()
+    ctx_len = evaluator.context_length
+    for bi, idx in enumerate(evaluator.batches):
+        base = evaluator.caches[bi]
+        follow = base.fork(Schedule(ratios=[1.0] * layers, window=m, sinks=sinks))
+        cont = torch.stack([evaluator.examples[j].continuation for j in idx]).to(model.device)
+        with runtime.apply(model, follow.schedule):
+            model(cont, cache=follow)
+        for layer in range(layers):
+            if not compressible[layer]:
+                continue
+            src, fut = base.layers[layer], follow.layers[layer]
+            for wi, w in enumerate(windows):
+                selectable = torch.zeros(ctx_len, dtype=torch.bool)
+                selectable[sinks : ctx_len - max(w, window)] = True
+                sched = Schedule(ratios=[1.0] * layers, window=w, sinks=sinks, selection=selection)
+                probe = src.q_buf[:, :, -w:], src.q_buf_pos[:, -w:], src.q_buf_valid[:, -w:]
+                saved = src.q_buf, src.q_buf_pos, src.q_buf_valid
+                src.q_buf, src.q_buf_pos, src.q_buf_valid = probe
+                try:
+                    scores = src.scores(sched, src.scaling)
+                finally:
+                    src.q_buf, src.q_buf_pos, src.q_buf_valid = saved
+                wanted = grid if w == window else [grid[i02]]
+                rec, ov = _attention_recall(
+                    scores, fut.q_buf, fut.q_buf_pos, fut.keys, fut.pos, selectable, src.scaling, wanted
+                )
+                if w == window:
+                    recall[layer] += rec / n_batches
+                    overlap[layer] += ov / n_batches
+                window_recall[layer, wi] += float(rec[0] if w != window else rec[i02]) / n_batches
+        if progress:
+            progress("attention recall", bi + 1, n_batches)
+    sensitivity = torch.zeros(layers, len(grid))
+    total = sum(compressible) * len(grid)
+    done = 0
+    for layer in range(layers):
+        if not compressible[layer]:
+            continue
+        for gi, ratio in enumerate(grid):
+            ratios = [1.0] * layers
+            ratios[layer] = ratio
+            sched = Schedule(ratios=ratios, window=window, sinks=sinks, selection=selection)
+            sensitivity[layer, gi] = evaluator.score(sched).kl
+            done += 1
+            if progress:
+                progress("layer sensitivity", done, total)
+    return Profile(
+        grid=grid,
+        windows=windows,
+        recall=recall,
+        overlap=overlap,
+        window_recall=window_recall,
+        sensitivity=sensitivity,
+        compressible=compressible,
+        meta={"sinks": sinks, "window": window, "selection": selection.__dict__, "examples": len(evaluator.examples)},
+    )
