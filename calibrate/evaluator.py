@@ -54,7 +54,7 @@ class Evaluator:
         query_window: int = 64,
         sinks: int = 4,
         batch_size: int = 4,
-        progress: Callable[[str, int], None] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
     ):
         if not examples:
             raise ValueError("no examples to evaluate on")
@@ -78,7 +78,7 @@ class Evaluator:
                 self.caches.append(out.past_key_values)
                 self.reference.append(self._continuation_logprobs(idx, self.probe))
                 if progress:
-                    progress("prefill", i + 1)
+                    progress("prefill", i + 1, len(self.batches))
 
     @property
     def context_length(self) -> int:
@@ -97,8 +97,11 @@ class Evaluator:
         return cache
 
     @torch.inference_mode()
-    def score(self, schedule: Schedule) -> Scores:
-        """Evict-mode scores of `schedule` on every example."""
+    def score(self, schedule: Schedule, on_batch: Callable[[int, float], None] | None = None) -> Scores:
+        """Evict-mode scores of `schedule` on every example.
+
+        `on_batch(batches_done, mean_kl_so_far)` is called after each batch (a search prunes from it).
+        """
         if schedule.window > self.query_window:
             raise ValueError(f"schedule window {schedule.window} exceeds the probe's {self.query_window}")
         kl_sum = nll_sum = 0.0
@@ -126,6 +129,8 @@ class Evaluator:
                         per_ok.append(bool((lp.argmax(-1) == targets).all()))
                     else:
                         per_ok.append(None)
+                if on_batch is not None:
+                    on_batch(b + 1, kl_sum / max(count, 1))
         oks = [o for o in per_ok if o is not None]
         return Scores(
             kl=kl_sum / max(count, 1),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from runtime.schedule import Schedule, Selection, write_atomic
 
 from .evaluator import Evaluator
 
-GRID = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+GRID = (0.02, 0.05, 0.1, 0.25, 0.5)
 WINDOWS = (8, 16, 32, 64)
 
 
@@ -68,15 +68,35 @@ class Profile:
         def f(x, a, b, c):
             return a * torch.exp(-b * torch.as_tensor(x)).numpy() + c
 
-        try:
-            (a, b, c), _ = curve_fit(f, x, y, p0=(0.5, 1.0, 0.1), maxfev=20000)
-        except RuntimeError:
+        try:  # bounded: a decay (b >= 0) towards a floor c in [0, 1]
+            (a, b, c), _ = curve_fit(f, x, y, p0=(0.5, 1.0, 0.1), bounds=([-1, 0, 0], [1, 20, 1]), maxfev=20000)
+        except (RuntimeError, ValueError):
             return {}
         pred = f(x, a, b, c)
         ss_res = float(sum((yi - pi) ** 2 for yi, pi in zip(y, pred, strict=True)))
         mean = sum(y) / len(y)
         ss_tot = float(sum((yi - mean) ** 2 for yi in y)) or 1e-12
         return {"a": float(a), "b": float(b), "c": float(c), "r2": 1 - ss_res / ss_tot, "level": level}
+
+    def predicted_kl(self, ratios: Sequence[float]) -> float:
+        """Sum of the single-layer KLs at these ratios (piecewise linear in the grid, 0 at ratio 1).
+
+        Comparing it with the measured KL of the whole schedule tells whether per-layer errors add up.
+        """
+        total = 0.0
+        for layer, r in enumerate(ratios):
+            if not self.compressible[layer] or r >= 1.0:
+                continue
+            xs = [*self.grid, 1.0]
+            ys = [*self.sensitivity[layer].tolist(), 0.0]
+            if r <= xs[0]:
+                total += ys[0]
+                continue
+            for (x1, y1), (x2, y2) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=True):
+                if x1 <= r <= x2:
+                    total += y1 + (y2 - y1) * (r - x1) / (x2 - x1)
+                    break
+        return total
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -196,8 +216,13 @@ def measure(
     grid: tuple[float, ...] = GRID,
     windows: tuple[int, ...] = WINDOWS,
     progress: Callable[[str, int, int], None] | None = None,
+    also: Sequence[Evaluator] = (),
 ) -> Profile:
-    """Recall curves on the evaluator's examples, then single-layer sensitivity curves."""
+    """Recall curves on the evaluator's examples, then single-layer sensitivity curves.
+
+    Sensitivity is the mean, over `evaluator` and the `also` evaluators (e.g. retrieval tasks), of the KL per
+    scored token, so that natural text and retrieval weigh equally.
+    """
     selection = selection or Selection()
     layers = evaluator.layers
     plan = runtime.families.layer_plan(model)
@@ -252,7 +277,8 @@ def measure(
             ratios = [1.0] * layers
             ratios[layer] = ratio
             sched = Schedule(ratios=ratios, window=window, sinks=sinks, selection=selection)
-            sensitivity[layer, gi] = evaluator.score(sched).kl
+            kls = [ev.score(sched).kl for ev in (evaluator, *also)]
+            sensitivity[layer, gi] = sum(kls) / len(kls)
             done += 1
             if progress:
                 progress("layer sensitivity", done, total)

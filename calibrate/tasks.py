@@ -123,3 +123,9 @@ def text_examples(windows: torch.Tensor, context: int) -> list[Example]:
     m = windows.shape[1] - context
     scored = torch.ones(m, dtype=torch.bool)
     return [Example(w[:context], w[context:], scored) for w in windows]
+
+
+def filler_text(sentences: int, seed: int = 0) -> str:
+    """Generated prose for calibrating without any data: the same kind of filler the tasks hide facts in."""
+    rng = random.Random(seed)
+    return "".join(_sentence(rng) for _ in range(sentences)).strip()

@@ -32,6 +32,7 @@ class Selection:
     Scores are the attention probabilities of the most recent `window` queries over the cached keys.
     """
 
+    method: Literal["attention", "recent", "random"] = "attention"  # baselines: StreamingLLM, a random floor
     per_head: bool = True  # each KV head keeps its own tokens; False shares one choice per layer (the paper)
     query_weighting: Literal["uniform", "linear"] = "uniform"  # "linear": later recent queries weigh more
     weight_max: float = 1.2  # weight of the latest query under "linear" (the earliest weighs 1.0)
@@ -187,6 +188,8 @@ def validate(s: Schedule) -> None:
     if s.budget is not None and not (math.isfinite(s.budget) and 0.0 < s.budget <= 1.0):
         _fail("budget", f"{s.budget} is outside (0, 1]", "use a mean KV fraction in (0, 1]")
     sel = s.selection
+    if sel.method not in ("attention", "recent", "random"):
+        _fail("selection.method", f"{sel.method!r} is unknown", "use 'attention', 'recent' or 'random'")
     if sel.query_weighting not in ("uniform", "linear"):
         _fail("selection.query_weighting", f"{sel.query_weighting!r} is unknown", "use 'uniform' or 'linear'")
     if sel.pooling not in ("none", "avg", "max"):

@@ -1,0 +1,43 @@
+"""`calibrate run`: profile the model on sample data, search schedules under a KV budget, write a schedule file."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 10
+
+EXAMPLES = """\
+examples:
+  calibrate run                                   # embedded SmolLM2, generated tasks, budget 0.3
+  calibrate run --quick                           # a small preset, a few minutes on 2 cores
+  calibrate run --data ../shared/data/gutenberg ../shared/data/tinyshakespeare --budget 0.2
+  calibrate run --budgets 0.2,0.3,0.5 --trials 60 # one study, NSGA-II, one schedule per budget
+  calibrate run --model gemma3-270m --out schedules/gemma3-270m_b0.3.json
+  calibrate run --storage sqlite:///runs/study.db --study-name mine   # run again to resume it
+
+The profile (attention consistency and per-layer sensitivity) is saved beside the schedule and reused when
+the settings match; the Optuna study lives in --storage (default: an SQLite file beside the schedule), so the
+same command resumes an interrupted search without losing finished trials.
+"""
+
+
+def add_parser(subparsers):
+    from ..pipeline import add_common_args, add_search_args
+
+    p = subparsers.add_parser(
+        "run",
+        help="calibrate a schedule: profile, search under a KV budget, write the schedule file",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(p)
+    add_search_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..pipeline import run_command
+
+    return run_command(args)

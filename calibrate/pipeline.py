@@ -1,0 +1,498 @@
+"""`calibrate run` end to end: data -> profile -> search -> schedule file. Each step is also its own command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.schedule import ScheduleError
+
+from .errors import CalibrateError
+
+
+@dataclass
+class Settings:
+    """Everything a calibration depends on; the profile is reused only when these match."""
+
+    model: str | None = None
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    context_length: int = 1024
+    continuation: int = 128
+    task_continuation: int = 48
+    calib_windows: int = 3
+    valid_windows: int = 4
+    calib_tasks: int = 6
+    valid_tasks: int = 6
+    sinks: int = 4
+    window: int = 32
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @classmethod
+    def quick(cls, **kw: Any) -> Settings:
+        base = dict(context_length=512, continuation=64, calib_windows=2, valid_windows=2, calib_tasks=3, valid_tasks=3)
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(**base)
+
+    def key(self) -> str:
+        """Fingerprint of what the profile depends on."""
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("device",)}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def command_line() -> str:
+    return " ".join(["calibrate", *map(shlex.quote, sys.argv[1:])])
+
+
+def versions() -> dict[str, str]:
+    import optuna
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "pyramidinfer": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optuna": optuna.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any compute when an output cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CalibrateError(
+            f"cannot create folder '{folder}' for '{path}': {e.strerror}; choose another --out"
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise CalibrateError(f"folder '{folder}' is not writable; choose another --out")
+    if path.is_dir():
+        raise CalibrateError(f"'{path}' is a folder; give a file name for --out, e.g. schedules/my-model_b0.3.json")
+
+
+def check_budget(budget: float, settings: Settings) -> None:
+    if not (0.0 < budget <= 1.0):
+        raise ScheduleError(f"budget {budget:g} is outside (0, 1]; give a mean KV fraction such as 0.3")
+    n = settings.context_length
+    minimum = (settings.sinks + settings.window) / n
+    if budget < minimum:
+        raise ScheduleError(
+            f"budget {budget:g} is below the minimum {minimum:.4f} = (sinks {settings.sinks} + window "
+            f"{settings.window}) / {n} tokens; raise it or calibrate with a longer --context-length"
+        )
+
+
+def storage_url(storage: str | None, out: Path) -> str:
+    """Default storage: an SQLite file beside the schedule. Any Optuna storage URL is accepted."""
+    if storage is None:
+        return f"sqlite:///{out.with_suffix('.optuna.db')}"
+    if "://" not in storage:
+        raise CalibrateError(f"storage '{storage}' is not a database URL; use e.g. sqlite:///study.db")
+    return storage
+
+
+def open_storage(url: str):
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:160]
+        raise CalibrateError(f"cannot open Optuna storage '{url}': {msg}; check the URL") from None
+
+
+class Data:
+    """Calibration and validation examples cut from the user's text plus generated retrieval tasks."""
+
+    def __init__(self, tokenizer, settings: Settings):
+        from . import data, tasks
+
+        s = settings
+        if s.data:
+            texts = data.load_texts(s.data, s.text_field)
+            self.source = list(s.data)
+        else:
+            texts = [tasks.filler_text(12000, seed=s.seed)]
+            self.source = ["generated filler"]
+        stream = data.token_stream(tokenizer, texts)
+        length = s.context_length + s.continuation
+        calib, valid = data.calibration_split(stream, length, s.calib_windows, s.valid_windows, seed=s.seed)
+        self.calib_text = tasks.text_examples(calib, s.context_length)
+        self.valid_text = tasks.text_examples(valid, s.context_length)
+        self.calib_tasks = tasks.make_tasks(tokenizer, s.calib_tasks, s.context_length, s.task_continuation, s.seed)
+        self.valid_tasks = tasks.make_tasks(
+            tokenizer, s.valid_tasks, s.context_length, s.task_continuation, s.seed + 7919
+        )
+        self.tokens = int(stream.numel())
+        self.digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:12]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sources": self.source,
+            "tokens": self.tokens,
+            "sha256": self.digest,
+            "calibration": {"text_windows": len(self.calib_text), "tasks": len(self.calib_tasks)},
+            "validation": {"text_windows": len(self.valid_text), "tasks": len(self.valid_tasks)},
+        }
+
+
+def profile_stem(out: Path) -> Path:
+    return out.with_suffix("")
+
+
+class Progress:
+    """tqdm bars keyed by phase; one line per phase."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, phase: str, done: int, total: int | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, leave=True, dynamic_ncols=True)
+        bar.n = done
+        bar.refresh()
+        if total is not None and done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def build_profile(model, tokenizer, settings: Settings, data: Data, stem: Path, progress: Progress):
+    """Load the profile saved beside the schedule if it was measured with the same settings, else measure it."""
+    from . import evaluator, profile
+
+    json_path = stem.with_name(stem.name + ".profile.json")
+    if json_path.is_file():
+        try:
+            saved = profile.Profile.load(stem)
+        except (OSError, ValueError, KeyError):
+            saved = None
+        if saved is not None and saved.meta.get("settings_key") == settings.key():
+            print(f"profile: reusing {json_path}")
+            return saved
+    t0 = time.perf_counter()
+
+    def prefill(phase: str, i: int, total: int) -> None:
+        progress("profile: prefill", i, total)
+
+    ev = evaluator.Evaluator(model, data.calib_text, query_window=64, sinks=settings.sinks, progress=prefill)
+    extra = []
+    if data.calib_tasks:
+        extra.append(evaluator.Evaluator(model, data.calib_tasks, query_window=64, sinks=settings.sinks))
+    prof = profile.measure(
+        model,
+        ev,
+        also=extra,
+        sinks=settings.sinks,
+        window=settings.window,
+        progress=lambda phase, done, total: progress(f"profile: {phase}", done, total),
+    )
+    prof.meta.update(
+        settings_key=settings.key(),
+        settings=settings.__dict__,
+        data=data.describe(),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    prof.save(stem)
+    return prof
+
+
+def budget_out(out: Path, budget: float, several: bool) -> Path:
+    """One file per budget when several are searched: NAME_b0.3.json."""
+    if not several:
+        return out
+    stem = out.stem.split("_b")[0] if "_b" in out.stem else out.stem
+    return out.with_name(f"{stem}_b{budget:g}{out.suffix}")
+
+
+def search(
+    model,
+    tokenizer,
+    settings: Settings,
+    data: Data,
+    prof,
+    budgets: list[float],
+    trials: int,
+    storage: str,
+    study_name: str,
+    out: Path,
+    progress: Progress,
+    started: float,
+) -> list[Path]:
+    """Run (or resume) the study and write one schedule per budget."""
+    import optuna
+
+    from runtime.families import model_info
+
+    from . import evaluator
+    from . import search as s
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    info = model_info(model, name=_model_label(model, settings))
+    spaces = {
+        b: s.Space(b, settings.context_length, prof, info, sinks=settings.sinks, default_window=settings.window)
+        for b in budgets
+    }
+
+    def make(examples):
+        return evaluator.Evaluator(model, examples, query_window=64, sinks=settings.sinks) if examples else None
+
+    suite = s.Suite(make(data.valid_text), make(data.valid_tasks))
+    multi = len(budgets) > 1
+    study = s.create_study(open_storage(storage), study_name, settings.seed, multi=multi)
+    study.set_user_attr("settings", settings.__dict__)
+    study.set_user_attr("budgets", budgets)
+    if multi:
+        for b in budgets:
+            s.enqueue_baselines_for(study, settings.window, b)
+    else:
+        s.enqueue_baselines(study, settings.window)
+
+    def objective(trial):
+        if multi:
+            budget = trial.suggest_categorical("budget", budgets)
+            space = spaces[budget]
+            schedule = s.suggest(trial, space)
+            scores = suite.score(schedule)
+            for k, v in scores.items():
+                if v is not None:
+                    trial.set_user_attr(k, float(v))
+            kv = schedule.kv_fraction(settings.context_length)
+            trial.set_user_attr("kv_fraction", kv)
+            return kv, scores["objective"]
+        return s.objective_fn(spaces[budgets[0]], suite)(trial)
+
+    done = len([t for t in study.trials if t.state.is_finished()])
+    remaining = max(0, trials - done)
+    if done:
+        print(f"search: resuming study '{study_name}' with {done} finished trials, {remaining} to go")
+    for i in range(remaining):
+        study.optimize(objective, n_trials=1, catch=(RuntimeError,))
+        progress("search: trials", done + i + 1, trials)
+
+    written = []
+    for b in budgets:
+        trials_b = [t for t in s.finished(study) if not multi or t.params.get("budget") == b]
+        if not trials_b:
+            raise CalibrateError(f"no finished trial for budget {b:g}; run more --trials")
+        best = min(trials_b, key=lambda t: t.values[-1])
+        schedule = s.schedule_of_params(best.params, spaces[b])
+        baselines = s.baseline_results(study, budget=b if multi else None)
+        path = budget_out(out, b, multi)
+        schedule = _finish(schedule, best, baselines, settings, data, prof, b, len(s.finished(study)), started)
+        schedule.save(path)
+        prof.save(profile_stem(path))
+        written.append(path)
+        print(_summary(path, schedule, best, baselines))
+    return written
+
+
+def _model_label(model, settings: Settings) -> str:
+    from .models import model_name
+
+    return model_name(model) if settings.model is None else model_name(settings.model)
+
+
+def _finish(schedule, best, baselines, settings, data, prof, budget, n_trials, started):
+    from runtime.schedule import Decode
+
+    values = {k: v for k, v in best.user_attrs.items() if isinstance(v, (int, float))}
+    provenance = {
+        "command": command_line(),
+        "data": data.describe(),
+        "metric": f"KL(full || compressed) per token on validation continuations + {0.5} x retrieval accuracy lost",
+        "score": values,
+        "baselines": baselines,
+        "margin_vs_best_baseline": _margin(baselines, best.values[-1]),
+        "additivity": {
+            "sum_of_single_layer_kl": prof.predicted_kl(schedule.ratios),
+            "measured_kl": (values.get("kl", 0.0) + values.get("task_kl", values.get("kl", 0.0))) / 2,
+            "note": "single-layer KLs from the profile (text and tasks averaged) vs the whole schedule's KL",
+        },
+        "trial": best.number,
+        "trials": n_trials,
+        "params": dict(best.params),
+        "seed": settings.seed,
+        "settings": settings.__dict__,
+        "wall_seconds": round(time.time() - started, 1),
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    name = f"{schedule.model.name}_b{budget:g}" if schedule.model else f"b{budget:g}"
+    return schedule.with_ratios(
+        schedule.ratios, name=name, provenance=provenance, budget=budget, decode=Decode(), prefill_mode="evict"
+    )
+
+
+def _margin(baselines: dict, objective: float) -> float | None:
+    """How much lower (better) the calibrated objective is than the best enqueued baseline on validation."""
+    values = [v["objective"] for v in baselines.values() if "objective" in v]
+    return min(values) - objective if values else None
+
+
+def _summary(path: Path, schedule, best, baselines) -> str:
+    lines = [f"\nwrote {path}  (trial {best.number}, KV fraction {schedule.kv_fraction():.3f})"]
+    lines.append(f"{'schedule':<14} {'objective':>10} {'KL':>8} {'task acc':>9}")
+    rows = [(k, v) for k, v in baselines.items()] + [("calibrated", {**best.user_attrs, "objective": best.values[-1]})]
+    for name, v in rows:
+        acc = v.get("accuracy")
+        lines.append(
+            f"{name:<14} {v.get('objective', float('nan')):>10.4f} {v.get('kl', float('nan')):>8.4f} "
+            f"{'' if acc is None else format(acc, '.2f'):>9}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command-line glue shared by run/profile/search
+
+
+def add_common_args(p) -> None:
+    p.add_argument("--model", help="hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="D",
+        help="text files, folders, JSONL (see --text-field) or datasets names; default: generated filler only",
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--context-length", type=int, help="prompt tokens per calibration window (default 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--quick", action="store_true", help="small preset (512-token windows, fewer of them)")
+    p.add_argument("--out", default=None, help="schedule file to write (default: schedules/MODEL_bBUDGET.json)")
+
+
+def add_search_args(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=float, help="mean KV fraction to meet (default 0.3)")
+    g.add_argument("--budgets", help="several budgets, comma separated: a multi-objective (NSGA-II) search")
+    p.add_argument("--trials", type=int, help="trials in the study, counting finished ones (default 40, quick 12)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite file beside --out)")
+    p.add_argument("--study-name", help="study name (default: from model, budget and settings)")
+
+
+def settings_from_args(args) -> Settings:
+    kw = dict(
+        model=args.model,
+        data=[str(d) for d in (args.data or [])],
+        text_field=args.text_field,
+        context_length=args.context_length,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    settings = Settings.quick(**kw) if args.quick else Settings(**{k: v for k, v in kw.items() if v is not None})
+    if settings.context_length < 64:
+        raise CalibrateError(f"--context-length {settings.context_length} is too short; use at least 64 tokens")
+    return settings
+
+
+def budgets_from_args(args) -> list[float]:
+    if getattr(args, "budgets", None):
+        try:
+            values = sorted({float(x) for x in args.budgets.split(",") if x.strip()})
+        except ValueError:
+            raise CalibrateError(f"--budgets '{args.budgets}' is not a comma-separated list of numbers") from None
+        if not values:
+            raise CalibrateError("--budgets is empty; give e.g. 0.2,0.3,0.5")
+        return values
+    return [args.budget if getattr(args, "budget", None) is not None else 0.3]
+
+
+def default_out(model_label: str, budgets: list[float]) -> Path:
+    tag = f"b{budgets[0]:g}" if len(budgets) == 1 else "b" + "-".join(f"{b:g}" for b in budgets)
+    return Path("schedules") / f"{model_label}_{tag}.json"
+
+
+def study_name_for(model_label: str, budgets: list[float], settings: Settings) -> str:
+    tag = "-".join(f"{b:g}" for b in budgets)
+    return f"{model_label}_b{tag}_{settings.key()}"
+
+
+def check_model_fits(model, settings: Settings) -> None:
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    need = settings.context_length + settings.continuation
+    if limit is not None and need > limit:
+        raise CalibrateError(
+            f"--context-length {settings.context_length} + {settings.continuation} continuation tokens exceeds the "
+            f"model's {limit} positions; use a shorter --context-length"
+        )
+
+
+def check_supported(model) -> None:
+    from runtime.families import check_supported as check
+
+    check(model)
+
+
+def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
+    """Shared body of `calibrate run`, `calibrate profile` and `calibrate search`."""
+    from .models import load_model, model_name
+
+    started = time.time()
+    settings = settings_from_args(args)
+    budgets = budgets_from_args(args) if do_search else [0.3]
+    for b in budgets:
+        check_budget(b, settings)
+    label = model_name(settings.model)
+    out = Path(args.out) if args.out else default_out(label, budgets)
+    if do_search:
+        for b in budgets:
+            check_writable(budget_out(out, b, len(budgets) > 1))
+    else:
+        check_writable(out)
+    storage = storage_url(getattr(args, "storage", None), out) if do_search else None
+    if storage:
+        open_storage(storage)  # a bad URL fails now, not after the profile
+    trials = getattr(args, "trials", None) or (12 if args.quick else 40)
+    if trials < 1:
+        raise CalibrateError("--trials must be at least 1")
+    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    check_supported(model)
+    check_model_fits(model, settings)
+    data = Data(tokenizer, settings)
+    progress = Progress()
+    try:
+        stem = profile_stem(out)
+        if do_profile:
+            prof = build_profile(model, tokenizer, settings, data, stem, progress)
+            progress.close()
+            print(prof.table())
+            print(f"profile: {stem}.profile.json / .profile.safetensors")
+        else:
+            from .profile import Profile
+
+            try:
+                prof = Profile.load(stem)
+            except OSError:
+                raise CalibrateError(
+                    f"no profile at {stem}.profile.json; run 'calibrate profile' (or 'calibrate run') first"
+                ) from None
+        if do_search:
+            name = getattr(args, "study_name", None) or study_name_for(label, budgets, settings)
+            search(model, tokenizer, settings, data, prof, budgets, trials, storage, name, out, progress, started)
+    finally:
+        progress.close()
+    print(f"done in {time.time() - started:.0f} s")
+    return 0

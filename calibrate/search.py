@@ -1,0 +1,216 @@
+"""The Optuna search over retention schedules under a KV-memory budget.
+
+A trial proposes an allocation shape and selection settings; the shape is rescaled to the budget (so no trial
+ever exceeds it) and scored end to end on the validation examples. The reference shapes and the
+sensitivity-based allocation are enqueued first, so the best trial is never worse than them on validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from runtime.reference import at_budget, rescale_to_budget
+from runtime.schedule import ModelInfo, Schedule, Selection
+
+from .allocate import blend, water_fill
+from .evaluator import Evaluator, Scores
+from .profile import Profile
+
+REFERENCES = ("uniform", "pyramidkv", "pyramidinfer")
+SHAPES = ("sensitivity", *REFERENCES, "linear", "exponential")
+ACCURACY_WEIGHT = 0.5  # objective = KL + weight * (retrieval accuracy lost against the full cache)
+
+
+@dataclass
+class Suite:
+    """Validation examples: natural text (KL) and generated retrieval tasks (KL of the answer, exact match)."""
+
+    text: Evaluator
+    tasks: Evaluator | None = None
+    full_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None and self.full_accuracy is None:
+            self.full_accuracy = self.tasks.full_accuracy()
+
+    def score(self, schedule: Schedule, on_batch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+        text = self.text.score(schedule, on_batch)
+        out: dict[str, Any] = {"kl": text.kl, "ppl": text.ppl}
+        penalty = 0.0
+        if self.tasks is not None:
+            task: Scores = self.tasks.score(schedule)
+            out.update(task_kl=task.kl, accuracy=task.accuracy, full_accuracy=self.full_accuracy)
+            penalty = ACCURACY_WEIGHT * max(0.0, (self.full_accuracy or 0.0) - (task.accuracy or 0.0))
+        out["objective"] = text.kl + penalty
+        return out
+
+
+@dataclass
+class Space:
+    """What a trial may choose, and what it is built from."""
+
+    budget: float
+    context_length: int  # the budget is a KV fraction at this prompt length
+    profile: Profile
+    model: ModelInfo
+    sinks: int = 4
+    windows: Sequence[int] = (16, 32, 64)
+    default_window: int = 32
+
+    def mean_ratio(self, window: int) -> float:
+        """The mean ratio that meets the budget (ignoring rounding; the final rescale makes it exact)."""
+        n, protected = self.context_length, self.sinks + window
+        return max(1e-3, min(1.0, (self.budget * n - protected) / max(n - protected, 1)))
+
+    def shape(self, kind: str, window: int, params: dict[str, float]) -> list[float]:
+        layers = self.model.num_layers
+        if kind == "sensitivity":
+            mean = self.mean_ratio(window)
+            filled = water_fill(
+                self.profile.sensitivity.tolist(),
+                self.profile.grid,
+                mean,
+                self.profile.compressible,
+                exponent=params.get("exponent", 1.0),
+            )
+            return blend(filled, [mean] * layers, params.get("mix", 0.0))
+        if kind in REFERENCES:
+            return at_budget(kind, layers, self.budget, prompt_tokens=self.context_length, window=window).ratios
+        x = [i / max(layers - 1, 1) for i in range(layers)]
+        slope = params.get("slope", 0.0)
+        if kind == "linear":
+            return [max(0.02, 1 + slope * (2 * xi - 1)) for xi in x]
+        if kind == "exponential":
+            return [math.exp(3 * slope * (xi - 0.5)) for xi in x]
+        raise ValueError(f"unknown shape {kind!r}")
+
+    def build(self, kind: str, window: int, params: dict[str, float], selection: Selection) -> Schedule:
+        shape = [max(r, 1e-3) for r in self.shape(kind, window, params)]
+        base = Schedule(
+            ratios=[min(1.0, r) for r in shape],
+            window=window,
+            sinks=self.sinks,
+            selection=selection,
+            model=self.model,
+        )
+        return rescale_to_budget(base, self.budget, self.context_length)
+
+
+def suggest(trial: optuna.Trial, space: Space) -> Schedule:
+    """The search space: shape family with its knob, recent window, and token-selection settings."""
+    kind = trial.suggest_categorical("shape", SHAPES)
+    params: dict[str, float] = {}
+    if kind == "sensitivity":
+        params["exponent"] = trial.suggest_float("exponent", 0.5, 2.0, log=True)
+        params["mix"] = trial.suggest_float("mix", 0.0, 0.6)
+    elif kind in ("linear", "exponential"):
+        params["slope"] = trial.suggest_float("slope", -0.9, 0.9)
+    window = trial.suggest_categorical("window", list(space.windows))
+    pooling = trial.suggest_categorical("pooling", ["none", "avg", "max"])
+    kernel = trial.suggest_categorical("pool_kernel", [3, 5, 7, 9]) if pooling != "none" else 1
+    selection = Selection(
+        per_head=trial.suggest_categorical("per_head", [True, False]),
+        query_weighting=trial.suggest_categorical("query_weighting", ["uniform", "linear"]),
+        pooling=pooling,
+        pool_kernel=kernel,
+    )
+    return space.build(kind, window, params, selection)
+
+
+def baseline_params(kind: str, window: int) -> dict[str, Any]:
+    """Enqueued trials: the default selection with each reference shape and the plain sensitivity allocation."""
+    sel = Selection()
+    params: dict[str, Any] = {
+        "shape": kind,
+        "window": window,
+        "pooling": sel.pooling,
+        "pool_kernel": sel.pool_kernel,
+        "per_head": sel.per_head,
+        "query_weighting": sel.query_weighting,
+    }
+    if kind == "sensitivity":
+        params.update(exponent=1.0, mix=0.0)
+    return params
+
+
+def create_study(storage: str | None, study_name: str, seed: int, multi: bool = False) -> optuna.Study:
+    sampler = (
+        optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+        if multi
+        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
+    )
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=1)
+    kwargs: dict[str, Any] = dict(storage=storage, study_name=study_name, sampler=sampler, load_if_exists=True)
+    if multi:
+        kwargs["directions"] = ["minimize", "minimize"]
+    else:
+        kwargs.update(direction="minimize", pruner=pruner)
+    return optuna.create_study(**kwargs)
+
+
+def enqueue_baselines(study: optuna.Study, window: int, extra: dict[str, Any] | None = None) -> None:
+    """Enqueue the reference and sensitivity trials once per study (a resumed study already has them)."""
+    for kind in (*REFERENCES, "sensitivity"):
+        study.enqueue_trial({**baseline_params(kind, window), **(extra or {})}, skip_if_exists=True)
+
+
+def enqueue_baselines_for(study: optuna.Study, window: int, budget: float) -> None:
+    enqueue_baselines(study, window, {"budget": budget})
+
+
+def schedule_of_params(params: dict[str, Any], space: Space) -> Schedule:
+    """Rebuild a finished trial's schedule from its parameters (the study stores parameters, not files)."""
+    return suggest(optuna.trial.FixedTrial({k: v for k, v in params.items() if k != "budget"}), space)
+
+
+def objective_fn(space: Space, suite: Suite) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        schedule = suggest(trial, space)
+
+        def on_batch(step: int, kl: float) -> None:
+            trial.report(kl, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        scores = suite.score(schedule, on_batch)
+        for key, value in scores.items():
+            if value is not None:
+                trial.set_user_attr(key, float(value))
+        trial.set_user_attr("kv_fraction", schedule.kv_fraction(space.context_length))
+        return scores["objective"]
+
+    return objective
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def baseline_results(study: optuna.Study, budget: float | None = None) -> dict[str, dict[str, float]]:
+    """The first finished trial of each enqueued baseline shape with the default selection."""
+    default = Selection()
+    out: dict[str, dict[str, float]] = {}
+    for t in finished(study):
+        if budget is not None and t.params.get("budget") != budget:
+            continue
+        kind = t.params.get("shape")
+        if kind in out or kind not in (*REFERENCES, "sensitivity"):
+            continue
+        if (
+            t.params.get("pooling") != default.pooling
+            or t.params.get("per_head") != default.per_head
+            or (kind == "sensitivity" and (t.params.get("exponent") != 1.0 or t.params.get("mix") != 0.0))
+        ):
+            continue
+        out[kind] = {"objective": t.values[-1], **{k: v for k, v in t.user_attrs.items() if isinstance(v, float)}}
+    return out
+
+
+def with_settings(schedule: Schedule, **changes: Any) -> Schedule:
+    return dataclasses.replace(schedule, **changes)
