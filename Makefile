@@ -10,10 +10,10 @@ STAMP  := $(VENV)/.pyramidinfer-setup
 .PHONY: run test setup
 
 run: $(STAMP)
-	$(BIN)/calibrate show --reference pyramidinfer --budget 0.3 --layers 30 --tokens 2048
+	$(BIN)/calibrate run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	PYRAMIDINFER_TEST_PG=$$(bash .ci/postgres.sh | tail -n 1) $(BIN)/python -m pytest -q tests
 
 setup: $(STAMP)
 

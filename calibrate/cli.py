@@ -69,6 +69,7 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the files a command writes
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `calibrate show ... | head`: stop quietly

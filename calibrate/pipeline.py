@@ -37,6 +37,7 @@ class Settings:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    argv: list[str] | None = None  # the command line, for the record (not part of the key)
 
     @classmethod
     def quick(cls, **kw: Any) -> Settings:
@@ -46,12 +47,12 @@ class Settings:
 
     def key(self) -> str:
         """Fingerprint of what the profile depends on."""
-        fields = {k: v for k, v in self.__dict__.items() if k not in ("device",)}
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("device", "argv")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def command_line() -> str:
-    return " ".join(["calibrate", *map(shlex.quote, sys.argv[1:])])
+def command_line(argv: list[str] | None = None) -> str:
+    return " ".join(["calibrate", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def versions() -> dict[str, str]:
@@ -109,8 +110,16 @@ def storage_url(storage: str | None, out: Path) -> str:
 def open_storage(url: str):
     import optuna
 
+    from optuna.storages import RetryFailedTrialCallback
+
+    beat = int(os.environ.get("PYRAMIDINFER_HEARTBEAT", "30"))  # seconds; a dead worker's trial fails after 2 beats
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=beat,
+            grace_period=2 * beat,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        )
     except Exception as e:
         msg = " ".join(str(e).split())[:160]
         raise CalibrateError(f"cannot open Optuna storage '{url}': {msg}; check the URL") from None
@@ -225,54 +234,108 @@ def budget_out(out: Path, budget: float, several: bool) -> Path:
     return out.with_name(f"{stem}_b{budget:g}{out.suffix}")
 
 
-def search(
-    model,
-    tokenizer,
-    settings: Settings,
-    data: Data,
-    prof,
-    budgets: list[float],
-    trials: int,
-    storage: str,
-    study_name: str,
-    out: Path,
-    progress: Progress,
-    started: float,
-) -> list[Path]:
-    """Run (or resume) the study and write one schedule per budget."""
-    import optuna
+class Study:
+    """An Optuna study and what its trials are built from; everything a worker needs lives in the storage."""
 
-    from runtime.families import model_info
+    def __init__(self, storage: str, name: str):
+        import optuna
 
-    from . import evaluator
-    from . import search as s
+        from runtime.schedule import ModelInfo
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    info = model_info(model, name=_model_label(model, settings))
-    spaces = {
-        b: s.Space(b, settings.context_length, prof, info, sinks=settings.sinks, default_window=settings.window)
-        for b in budgets
-    }
+        from . import search as s
+        from .profile import Profile
 
-    def make(examples):
-        return evaluator.Evaluator(model, examples, query_window=64, sinks=settings.sinks) if examples else None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            summaries = optuna.get_all_study_summaries(open_storage(storage))
+        except Exception as e:  # noqa: BLE001 - any storage failure is reported the same way
+            raise CalibrateError(f"cannot read studies from '{storage}': {' '.join(str(e).split())[:160]}") from None
+        if name not in {x.study_name for x in summaries}:
+            raise CalibrateError(
+                f"no study '{name}' in {storage}; start it with 'calibrate run --storage ... --study-name'"
+            )
+        attrs = next(x for x in summaries if x.study_name == name).user_attrs
+        if "settings" not in attrs or "profile" not in attrs:
+            raise CalibrateError(f"study '{name}' was not started by 'calibrate run'; nothing to continue")
+        self.settings = Settings(**attrs["settings"])
+        self.budgets = list(attrs["budgets"])
+        self.trials = int(attrs["trials"])
+        self.out = Path(attrs["out"])
+        self.data_description = attrs.get("data", {})
+        self.info = ModelInfo(**attrs["model_info"])
+        self.windows = list(attrs["windows"])
+        try:
+            self.profile = Profile.load(attrs["profile"])
+        except OSError:
+            raise CalibrateError(f"the study's profile {attrs['profile']} is missing; copy it there") from None
+        self.multi = len(self.budgets) > 1
+        self.study = s.create_study(open_storage(storage), name, self.settings.seed, multi=self.multi)
+        self.spaces = {
+            b: s.Space(
+                b,
+                self.settings.context_length,
+                self.profile,
+                self.info,
+                self.settings.sinks,
+                self.windows,
+                self.settings.window,
+            )
+            for b in self.budgets
+        }
 
-    suite = s.Suite(make(data.valid_text), make(data.valid_tasks))
-    multi = len(budgets) > 1
-    study = s.create_study(open_storage(storage), study_name, settings.seed, multi=multi)
-    study.set_user_attr("settings", settings.__dict__)
-    study.set_user_attr("budgets", budgets)
-    if multi:
-        for b in budgets:
-            s.enqueue_baselines_for(study, settings.window, b)
-    else:
-        s.enqueue_baselines(study, settings.window)
+    @staticmethod
+    def start(storage: str, name: str, settings: Settings, budgets, trials, out: Path, info, prof_stem: Path, data):
+        """Create (or reopen) the study, record its settings, and enqueue the baselines once."""
+        from . import search as s
 
-    def objective(trial):
-        if multi:
-            budget = trial.suggest_categorical("budget", budgets)
-            space = spaces[budget]
-            schedule = s.suggest(trial, space)
+        study = s.create_study(open_storage(storage), name, settings.seed, multi=len(budgets) > 1)
+        room = min(budgets) * settings.context_length - settings.sinks
+        windows = [w for w in s.WINDOWS if w <= room] or [settings.window]
+        for key, value in (
+            ("settings", {k: v for k, v in settings.__dict__.items()}),
+            ("budgets", budgets),
+            ("trials", trials),
+            ("out", str(out.resolve())),
+            ("profile", str(prof_stem.resolve())),
+            ("model_info", info.__dict__),
+            ("windows", windows),
+            ("data", data.describe()),
+        ):
+            study.set_user_attr(key, value)
+        if len(budgets) > 1:
+            for b in budgets:
+                s.enqueue_baselines_for(study, settings.window, b)
+        else:
+            s.enqueue_baselines(study, settings.window)
+        return Study(storage, name)
+
+    def finished(self) -> int:
+        """Trials that count towards the budget: complete or pruned (a failed one is retried)."""
+        import optuna
+
+        ok = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(self.study.get_trials(deepcopy=False, states=ok))
+
+    def run(self, model, data: Data, progress: Progress | None = None) -> None:
+        """Run trials until the study holds its trial budget (counting every worker's finished trials)."""
+        import optuna
+        from optuna.study import MaxTrialsCallback
+
+        from . import evaluator
+        from . import search as s
+
+        settings = self.settings
+
+        def make(examples):
+            return evaluator.Evaluator(model, examples, query_window=64, sinks=settings.sinks) if examples else None
+
+        suite = s.Suite(make(data.valid_text), make(data.valid_tasks))
+        budgets, spaces = self.budgets, self.spaces
+
+        def objective(trial):
+            if not self.multi:
+                return s.objective_fn(spaces[budgets[0]], suite)(trial)
+            schedule = s.suggest(trial, spaces[trial.suggest_categorical("budget", budgets)])
             scores = suite.score(schedule)
             for k, v in scores.items():
                 if v is not None:
@@ -280,31 +343,47 @@ def search(
             kv = schedule.kv_fraction(settings.context_length)
             trial.set_user_attr("kv_fraction", kv)
             return kv, scores["objective"]
-        return s.objective_fn(spaces[budgets[0]], suite)(trial)
 
-    done = len([t for t in study.trials if t.state.is_finished()])
-    remaining = max(0, trials - done)
-    if done:
-        print(f"search: resuming study '{study_name}' with {done} finished trials, {remaining} to go")
-    for i in range(remaining):
-        study.optimize(objective, n_trials=1, catch=(RuntimeError,))
-        progress("search: trials", done + i + 1, trials)
+        done = self.finished()
+        if done:
+            print(f"search: study '{self.study.study_name}' has {done} finished trials of {self.trials}")
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        stop = MaxTrialsCallback(self.trials, states=states)
+        while self.finished() < self.trials:
+            self.study.optimize(objective, n_trials=1, catch=(RuntimeError,), callbacks=[stop])
+            if progress:
+                progress("search: trials", min(self.finished(), self.trials), self.trials)
 
-    written = []
-    for b in budgets:
-        trials_b = [t for t in s.finished(study) if not multi or t.params.get("budget") == b]
-        if not trials_b:
-            raise CalibrateError(f"no finished trial for budget {b:g}; run more --trials")
-        best = min(trials_b, key=lambda t: t.values[-1])
-        schedule = s.schedule_of_params(best.params, spaces[b])
-        baselines = s.baseline_results(study, budget=b if multi else None)
-        path = budget_out(out, b, multi)
-        schedule = _finish(schedule, best, baselines, settings, data, prof, b, len(s.finished(study)), started)
-        schedule.save(path)
-        prof.save(profile_stem(path))
-        written.append(path)
-        print(_summary(path, schedule, best, baselines))
-    return written
+    def export(self, out: Path | None = None, started: float | None = None) -> list[Path]:
+        """Write one schedule per budget: the best finished trial, with the baselines' scores beside it."""
+        from . import search as s
+
+        out = out or self.out
+        written = []
+        for b in self.budgets:
+            trials_b = [t for t in s.finished(self.study) if not self.multi or t.params.get("budget") == b]
+            if not trials_b:
+                raise CalibrateError(f"no finished trial for budget {b:g} yet; run more trials")
+            best = min(trials_b, key=lambda t: t.values[-1])
+            schedule = s.schedule_of_params(best.params, self.spaces[b])
+            baselines = s.baseline_results(self.study, budget=b if self.multi else None)
+            path = budget_out(out, b, self.multi)
+            schedule = _finish(
+                schedule,
+                best,
+                baselines,
+                self.settings,
+                self.data_description,
+                self.profile,
+                b,
+                len(s.finished(self.study)),
+                started,
+            )
+            schedule.save(path)
+            self.profile.save(profile_stem(path))
+            written.append(path)
+            print(_summary(path, schedule, best, baselines))
+        return written
 
 
 def _model_label(model, settings: Settings) -> str:
@@ -313,13 +392,13 @@ def _model_label(model, settings: Settings) -> str:
     return model_name(model) if settings.model is None else model_name(settings.model)
 
 
-def _finish(schedule, best, baselines, settings, data, prof, budget, n_trials, started):
+def _finish(schedule, best, baselines, settings, data_description, prof, budget, n_trials, started):
     from runtime.schedule import Decode
 
     values = {k: v for k, v in best.user_attrs.items() if isinstance(v, (int, float))}
     provenance = {
-        "command": command_line(),
-        "data": data.describe(),
+        "command": command_line(settings.argv),
+        "data": data_description,
         "metric": f"KL(full || compressed) per token on validation continuations + {0.5} x retrieval accuracy lost",
         "score": values,
         "baselines": baselines,
@@ -334,7 +413,7 @@ def _finish(schedule, best, baselines, settings, data, prof, budget, n_trials, s
         "params": dict(best.params),
         "seed": settings.seed,
         "settings": settings.__dict__,
-        "wall_seconds": round(time.time() - started, 1),
+        "wall_seconds": round(time.time() - started, 1) if started else None,
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -380,7 +459,7 @@ def add_common_args(p) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--quick", action="store_true", help="small preset (512-token windows, fewer of them)")
-    p.add_argument("--out", default=None, help="schedule file to write (default: schedules/MODEL_bBUDGET.json)")
+    p.add_argument("--out", default=None, help="schedule file to write (default: runs/MODEL_bBUDGET.json)")
 
 
 def add_search_args(p) -> None:
@@ -403,6 +482,7 @@ def settings_from_args(args) -> Settings:
         device=args.device,
     )
     settings = Settings.quick(**kw) if args.quick else Settings(**{k: v for k, v in kw.items() if v is not None})
+    settings.argv = getattr(args, "argv", None)
     if settings.context_length < 64:
         raise CalibrateError(f"--context-length {settings.context_length} is too short; use at least 64 tokens")
     return settings
@@ -422,7 +502,7 @@ def budgets_from_args(args) -> list[float]:
 
 def default_out(model_label: str, budgets: list[float]) -> Path:
     tag = f"b{budgets[0]:g}" if len(budgets) == 1 else "b" + "-".join(f"{b:g}" for b in budgets)
-    return Path("schedules") / f"{model_label}_{tag}.json"
+    return Path("runs") / f"{model_label}_{tag}.json"  # never over the shipped files in schedules/
 
 
 def study_name_for(model_label: str, budgets: list[float], settings: Settings) -> str:
@@ -490,9 +570,43 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
                     f"no profile at {stem}.profile.json; run 'calibrate profile' (or 'calibrate run') first"
                 ) from None
         if do_search:
+            from runtime.families import model_info
+
             name = getattr(args, "study_name", None) or study_name_for(label, budgets, settings)
-            search(model, tokenizer, settings, data, prof, budgets, trials, storage, name, out, progress, started)
+            info = model_info(model, name=label)
+            study = Study.start(storage, name, settings, budgets, trials, out, info, stem, data)
+            study.run(model, data, progress)
+            progress.close()
+            study.export(out, started)
     finally:
         progress.close()
     print(f"done in {time.time() - started:.0f} s")
+    return 0
+
+
+def worker_command(args) -> int:
+    """Join a study: read its settings and profile from the storage, run trials until its budget is reached."""
+    from .models import load_model
+
+    study = Study(args.storage, args.study_name)
+    settings = study.settings
+    if args.device:
+        settings.device = args.device
+    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    data = Data(tokenizer, settings)
+    progress = Progress()
+    try:
+        study.run(model, data, progress)
+    finally:
+        progress.close()
+    print(f"worker: study '{args.study_name}' holds {study.finished()} finished trials (budget {study.trials})")
+    return 0
+
+
+def export_command(args) -> int:
+    study = Study(args.storage, args.study_name)
+    out = Path(args.out) if args.out else study.out
+    for b in study.budgets:
+        check_writable(budget_out(out, b, study.multi))
+    study.export(out)
     return 0

@@ -24,6 +24,7 @@ from .profile import Profile
 
 REFERENCES = ("uniform", "pyramidkv", "pyramidinfer")
 SHAPES = ("sensitivity", *REFERENCES, "linear", "exponential")
+WINDOWS = (16, 32, 64)
 ACCURACY_WEIGHT = 0.5  # objective = KL + weight * (retrieval accuracy lost against the full cache)
 
 
@@ -60,7 +61,7 @@ class Space:
     profile: Profile
     model: ModelInfo
     sinks: int = 4
-    windows: Sequence[int] = (16, 32, 64)
+    windows: Sequence[int] = WINDOWS
     default_window: int = 32
 
     def mean_ratio(self, window: int) -> float:

@@ -71,8 +71,9 @@ class PyramidLayer(DynamicLayer):
         b = key_states.shape[0]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.pos = torch.cat([self.pos, step.q_pos[:, None, :].expand(b, h, q)], dim=-1)
-        self.valid = torch.cat([self.valid, step.q_valid[:, None, :].expand(b, h, q)], dim=-1)
+        # .to(): with a model split over devices (device_map) a layer's cache lives on that layer's device
+        self.pos = torch.cat([self.pos, step.q_pos.to(self.device)[:, None, :].expand(b, h, q)], dim=-1)
+        self.valid = torch.cat([self.valid, step.q_valid.to(self.device)[:, None, :].expand(b, h, q)], dim=-1)
         self.has_invalid = self.has_invalid or step.has_invalid
 
     def stored(self) -> int:
@@ -119,12 +120,12 @@ class PyramidLayer(DynamicLayer):
             if q == 1 or (step.prefill and t == q and self.shared_slots):
                 return None  # exactly what stock SDPA does: no mask for one token, is_causal for a fresh prompt
         pos, valid = (self.pos[:, :1], self.valid[:, :1]) if self.shared_slots else (self.pos, self.valid)
-        qp = step.q_pos[:, None, :, None]
+        qp = step.q_pos.to(self.device)[:, None, :, None]
         mask = valid[:, :, None, :] & (pos[:, :, None, :] <= qp)
         if self.sliding_window is not None:
             mask = mask & (qp - pos[:, :, None, :] < self.sliding_window)
         # a padded query row that sees nothing would turn into NaN and poison later layers: let it see all
-        mask = mask | ~step.q_valid[:, None, :, None]
+        mask = mask | ~step.q_valid.to(self.device)[:, None, :, None]
         if mask.shape[1] > 1 and mask.shape[1] != num_query_heads:
             mask = mask.repeat_interleave(num_query_heads // mask.shape[1], dim=1)
         return mask
@@ -135,11 +136,12 @@ class PyramidLayer(DynamicLayer):
         w = self.query_window
         if self.q_buf is None:  # clone: a view would keep the whole prompt's queries alive
             self.q_buf = query[:, :, -w:].clone()
-            self.q_buf_pos, self.q_buf_valid = step.q_pos[:, -w:].clone(), step.q_valid[:, -w:].clone()
+            self.q_buf_pos = step.q_pos[:, -w:].to(query.device, copy=True)
+            self.q_buf_valid = step.q_valid[:, -w:].to(query.device, copy=True)
         else:
             self.q_buf = torch.cat([self.q_buf, query], dim=2)[:, :, -w:]
-            self.q_buf_pos = torch.cat([self.q_buf_pos, step.q_pos], dim=1)[:, -w:]
-            self.q_buf_valid = torch.cat([self.q_buf_valid, step.q_valid], dim=1)[:, -w:]
+            self.q_buf_pos = torch.cat([self.q_buf_pos, step.q_pos.to(query.device)], dim=1)[:, -w:]
+            self.q_buf_valid = torch.cat([self.q_buf_valid, step.q_valid.to(query.device)], dim=1)[:, -w:]
 
     def scores(self, schedule: Schedule, scaling: float) -> torch.Tensor:
         """Recent-window attention over the stored slots, [B, H, T], pooled as the schedule says."""
@@ -153,7 +155,7 @@ class PyramidLayer(DynamicLayer):
         s = selection.recent_attention(
             self.q_buf, self.q_buf_pos, self.q_buf_valid, self.keys, self.pos, self.valid, scaling, weights
         )
-        return selection.pool(s, self.valid, sel.pooling, sel.pool_kernel)
+        return selection.pool(s, self.valid if self.has_invalid else None, sel.pooling, sel.pool_kernel)
 
     def keep_only(self, idx: torch.Tensor, kept: torch.Tensor) -> None:
         """Physically shrink the layer to the slots `idx` [B, 1 or H, K]; `kept` marks the real ones."""
@@ -261,7 +263,7 @@ class PyramidCache(Cache):
             if m_max is not None:  # scored over all of this pass's tokens, before the layer is cut
                 self._plan_forward(layer_idx, scores.mean(1, keepdim=True), m_max)
             if k_max is not None:
-                layer.trim(scores, schedule, self.seen_valid, k_max)
+                layer.trim(scores, schedule, self.seen_valid.to(layer.device), k_max)
         if layer.is_sliding:
             layer.trim_window()
 
@@ -275,8 +277,12 @@ class PyramidCache(Cache):
 
     def _plan_forward(self, layer_idx: int, scores: torch.Tensor, m_max: int) -> None:
         step, s = self.step, self.schedule
+        dev = scores.device
+        step.q_pos, step.q_valid = step.q_pos.to(dev), step.q_valid.to(dev)
+        if step.kept_idx is not None:
+            step.kept_idx = step.kept_idx.to(dev)
         valid = step.q_valid[:, None, :]
-        keep = selection.kept_counts(self.forward_ratio[layer_idx], self.seen_valid, s.sinks, s.window)
+        keep = selection.kept_counts(self.forward_ratio[layer_idx], self.seen_valid.to(dev), s.sinks, s.window)
         idx, kept = selection.choose(scores, valid, selection.protected_mask(valid, s.sinks, s.window), keep, m_max)
         step.forward_idx = idx[:, 0]
         step.kept_idx = idx[:, 0] if step.kept_idx is None else torch.gather(step.kept_idx, 1, idx[:, 0])

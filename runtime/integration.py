@@ -118,5 +118,5 @@ def _gather_inputs(module, args, kwargs):
 
 
 def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    t = t.expand(idx.shape[0], *t.shape[1:])
+    t, idx = t.expand(idx.shape[0], *t.shape[1:]), idx.to(t.device)
     return torch.gather(t, 1, idx[..., None].expand(*idx.shape, t.shape[-1]))

@@ -56,7 +56,7 @@ def recent_attention(
     return torch.einsum("bhgwt,bw->bht", probs, wq) / g
 
 
-def pool(scores: torch.Tensor, valid: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
+def pool(scores: torch.Tensor, valid: torch.Tensor | None, kind: str, kernel: int) -> torch.Tensor:
     """Smooth scores over neighbouring tokens, so that a fact spread over adjacent tokens survives together.
 
     Neighbours are the adjacent *valid* tokens: invalid slots (padding, tokens a padded row does not keep) are
@@ -64,6 +64,12 @@ def pool(scores: torch.Tensor, valid: torch.Tensor, kind: str, kernel: int) -> t
     """
     if kind == "none" or kernel <= 1:
         return scores
+    if valid is None:  # every slot valid: neighbours are simply adjacent slots
+        flat = scores.reshape(-1, 1, scores.shape[-1])
+        pad = kernel // 2
+        if kind == "max":
+            return F.max_pool1d(flat, kernel, stride=1, padding=pad).reshape(scores.shape)
+        return F.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=False).reshape(scores.shape)
     valid = valid.expand_as(scores)
     order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # valid slots first, in order
     s = torch.gather(scores, -1, order).reshape(-1, 1, scores.shape[-1])

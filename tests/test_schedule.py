@@ -20,7 +20,9 @@ def full_schedule() -> Schedule:
         window=16,
         sinks=2,
         prefill_mode="drop",
-        selection=Selection(per_head=False, query_weighting="linear", weight_max=1.5, pooling="avg", pool_kernel=5),
+        selection=Selection(
+            method="recent", per_head=False, query_weighting="linear", weight_max=1.5, pooling="avg", pool_kernel=5
+        ),
         decode=Decode(interval=8, max_tokens=512),
         model=ModelInfo(
             name="tiny",

@@ -1,0 +1,37 @@
+"""Water-filling a budget over layers from sensitivity curves (pure functions)."""
+
+import pytest
+
+from calibrate.allocate import blend, convex_hull, water_fill
+
+GRID = [0.1, 0.5]
+
+
+def test_convex_hull_drops_points_above_the_chord():
+    assert convex_hull([(0.0, 1.0), (0.5, 0.9), (1.0, 0.0)]) == [(0.0, 1.0), (1.0, 0.0)]
+    assert convex_hull([(0.0, 1.0), (0.5, 0.1), (1.0, 0.0)]) == [(0.0, 1.0), (0.5, 0.1), (1.0, 0.0)]
+
+
+def test_budget_goes_to_the_sensitive_layer_first():
+    curves = [[0.01, 0.005], [1.0, 0.5], [0.02, 0.01]]  # layer 1 is the sensitive one
+    ratios = water_fill(curves, GRID, mean_ratio=0.4)
+    assert sum(ratios) == pytest.approx(1.2)
+    assert ratios[1] == pytest.approx(1.0)  # steepest: gets all it can use
+    assert ratios[0] == pytest.approx(0.1) and ratios[2] == pytest.approx(0.1)
+
+
+def test_hand_computed_partial_segment():
+    # layer 0 hull: (0.1, 0.4) -> (0.5, 0.2) slope -0.5 -> (1, 0) slope -0.4; layer 1 flat at 0 (no gain)
+    curves = [[0.4, 0.2], [0.0, 0.0]]
+    ratios = water_fill(curves, GRID, mean_ratio=0.35)  # total 0.7: 0.2 spent at start, 0.5 to give
+    assert ratios == pytest.approx([0.6, 0.1])
+
+
+def test_tiny_budget_and_non_compressible_layers():
+    assert water_fill([[1, 1], [1, 1]], GRID, mean_ratio=0.01) == [0.1, 0.1]
+    out = water_fill([[1, 0.5], [9, 9], [1, 0.5]], GRID, mean_ratio=0.3, compressible=[True, False, True])
+    assert out[1] == 1.0 and sum(out[::2]) == pytest.approx(0.6)
+
+
+def test_blend():
+    assert blend([0.0, 1.0], [1.0, 1.0], 0.25) == [0.25, 1.0]

@@ -1,0 +1,178 @@
+"""`calibrate run/profile/search` end to end on a tiny model: schedule, resume, budget, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import runtime
+from calibrate.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--quick",
+        "--context-length",
+        "128",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture
+def text(shared_data: Path) -> Path:
+    return shared_data / "tinyshakespeare" / "input.txt"
+
+
+def _trials(db: Path) -> list[str]:
+    with sqlite3.connect(db) as con:
+        return [r[0] for r in con.execute("select state from trials")]
+
+
+def test_run_writes_a_loadable_schedule_within_budget(tiny_model_dir, text, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(_args(tiny_model_dir, text, out, "--budget", "0.4", "--trials", "6")) == 0
+    schedule = runtime.load_schedule(out)
+    assert schedule.kv_fraction(128) <= 0.4 + 4 / 128  # one token of rounding per layer at most
+    assert schedule.budget == 0.4 and schedule.model.num_layers == 4
+    prov = schedule.provenance
+    assert prov["trials"] == 6 and set(prov["baselines"]) == {"uniform", "pyramidkv", "pyramidinfer", "sensitivity"}
+    assert prov["command"].startswith("calibrate run") and "torch" in prov["versions"]
+    # the enqueued baselines are trials of the study, so the best is never worse than them on validation
+    assert prov["margin_vs_best_baseline"] >= 0
+    assert (tmp_path / "s.profile.json").is_file() and (tmp_path / "s.profile.safetensors").is_file()
+    summary = json.loads((tmp_path / "s.profile.json").read_text())
+    assert len(summary["sensitivity"]) == 4 and len(summary["ratio_for_95pct_recall"]) == 4
+    # the runtime applies it
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with runtime.apply(model, schedule):
+        model.generate(model.dummy_inputs["input_ids"].clamp(max=100), max_new_tokens=3, do_sample=False)
+    printed = capsys.readouterr().out
+    assert "calibrated" in printed and "uniform" in printed
+
+
+def test_rerun_resumes_and_reuses_the_profile(tiny_model_dir, text, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(_args(tiny_model_dir, text, out, "--trials", "5")) == 0
+    db = out.with_suffix(".optuna.db")
+    assert len(_trials(db)) == 5
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, text, out, "--trials", "7")) == 0
+    printed = capsys.readouterr().out
+    assert "profile: reusing" in printed and "resuming study" in printed
+    assert len(_trials(db)) == 7 and runtime.load_schedule(out).provenance["trials"] == 7
+
+
+def test_killed_run_loses_no_finished_trial(tiny_model_dir, text, tmp_path):
+    out = tmp_path / "s.json"
+    db = out.with_suffix(".optuna.db")
+    cmd = [sys.executable, "-m", "calibrate", *_args(tiny_model_dir, text, out, "--trials", "400")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if db.exists() and _trials(db).count("COMPLETE") >= 6:
+                break
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    finished = _trials(db).count("COMPLETE")
+    assert finished >= 6 and not out.exists()
+    assert main(_args(tiny_model_dir, text, out, "--trials", str(finished + 2))) == 0
+    states = _trials(db)
+    assert states.count("COMPLETE") + states.count("PRUNED") >= finished + 1  # resumed on top of the old ones
+    assert out.exists()
+
+
+def test_profile_then_search(tiny_model_dir, text, tmp_path):
+    out = tmp_path / "p.json"
+    base = _args(tiny_model_dir, text, out)
+    assert main(["profile", *base[1:]]) == 0
+    assert (tmp_path / "p.profile.json").exists() and not out.exists()
+    assert main(["search", *base[1:], "--trials", "4"]) == 0
+    assert runtime.load_schedule(out).provenance["trials"] == 4
+
+
+def test_multi_budget_search_writes_one_schedule_per_budget(tiny_model_dir, text, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(_args(tiny_model_dir, text, out, "--budgets", "0.3,0.6", "--trials", "10")) == 0
+    for b in (0.3, 0.6):
+        s = runtime.load_schedule(tmp_path / f"m_b{b:g}.json")
+        assert s.budget == b and s.kv_fraction(128) <= b + 4 / 128
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget", "1.5"], "outside (0, 1]"),
+        (["--budget", "0.1"], "below the minimum"),
+        (["--storage", "notaurl"], "not a database URL"),
+        (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open Optuna storage"),
+        (["--trials", "0"], "at least 1"),
+    ],
+)
+def test_bad_inputs_fail_in_one_line(tiny_model_dir, text, tmp_path, capsys, extra, message):
+    assert message in _error(_args(tiny_model_dir, text, tmp_path / "x.json", *extra), capsys)
+
+
+def test_bad_data_and_outputs(tiny_model_dir, text, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "no text found" in _error(_args(tiny_model_dir, empty, tmp_path / "x.json"), capsys)
+    short = tmp_path / "short.txt"
+    short.write_text("To be or not to be.")
+    assert "calibration needs at least" in _error(_args(tiny_model_dir, short, tmp_path / "x.json"), capsys)
+    assert "does not exist" in _error(_args(tiny_model_dir, tmp_path / "nope.txt", tmp_path / "x.json"), capsys)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file instead
+        blocked = tmp_path / "afile"
+        blocked.write_text("")
+        target = blocked / "x.json"
+    else:
+        target = locked / "x.json"
+    assert "choose another --out" in _error(_args(tiny_model_dir, text, target), capsys)
+
+
+def test_unknown_family_is_refused(text, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from calibrate.models import local_folder, resolve
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(local_folder(resolve(None))).save_pretrained(folder)
+    err = _error(_args(folder, text, tmp_path / "x.json"), capsys)
+    assert "supported families" in err
