@@ -197,3 +197,43 @@ def test_unsupported_model_and_wrong_schedule_get_clear_errors():
         pass
     with runtime.apply(model, calibrated), pytest.raises(ValueError, match="use_cache=False"):
         model(prompts()[0], use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_forked_probe_compressed_now_equals_a_real_prefill(family):
+    """What calibration scores (prefill once, fork, compress) is what the runtime does after a real prefill."""
+    model = tiny_model(family)
+    n = model.config.num_hidden_layers
+    target = schedule_for(model, selection=Selection(pooling="avg", pool_kernel=5))
+    probe = Schedule(ratios=[1.0] * n, window=16, sinks=target.sinks)
+    ctx, cont = prompts(lengths=(80, 12))
+    with runtime.apply(model, target):
+        real = model(ctx).past_key_values
+        kept = [(layer.pos, layer.valid) for layer in real.layers]  # before the continuation extends them
+        expected = model(cont, cache=real).logits
+    with runtime.apply(model, probe):
+        base = model(ctx).past_key_values
+    forked = base.fork(target)
+    forked.compress_now()
+    for (pos, valid), b in zip(kept, forked.layers, strict=True):
+        assert torch.equal(pos, b.pos) and torch.equal(valid, b.valid)
+    with runtime.apply(model, target):
+        got = model(cont, cache=forked).logits
+    torch.testing.assert_close(got, expected)
+    assert base.stored_lengths() == [80 if c else w - 1 for c, w in runtime.families.layer_plan(model)]
+
+
+def test_recent_and_random_selection_baselines():
+    model = tiny_model("llama")
+    ids = prompts(lengths=(100,))[0]
+    recent = schedule_for(model, ratios=[0.2] * 4, selection=Selection(method="recent"))
+    with runtime.apply(model, recent):
+        cache = model(ids).past_key_values
+    kept = cache.layers[0].pos[0, 0].tolist()
+    k = recent.kept_tokens(100)[0]
+    assert kept == [0, 1] + list(range(100 - (k - 2), 100))  # sinks + the newest tokens (StreamingLLM)
+    rnd = schedule_for(model, ratios=[0.2] * 4, selection=Selection(method="random"))
+    with runtime.apply(model, rnd):
+        a = model(ids).past_key_values.layers[0].pos
+        b = model(ids).past_key_values.layers[0].pos
+    assert torch.equal(a, b) and a[0, 0].tolist() != kept  # repeatable, and not the recency choice
