@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,9 @@ class Profile:
         tmp = tensors_path.with_name("." + tensors_path.name + ".tmp")
         tensors = {k: getattr(self, k).contiguous() for k in ("recall", "overlap", "window_recall", "sensitivity")}
         save_file(tensors, str(tmp), metadata={"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)})
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # like any other file the user writes
         tmp.replace(tensors_path)
         write_atomic(json_path, json.dumps(self.summary(), indent=2) + "\n")
         return tensors_path, json_path
