@@ -108,17 +108,20 @@ def storage_url(storage: str | None, out: Path) -> str:
 
 
 def open_storage(url: str):
-    import optuna
+    import inspect
 
+    import optuna
     from optuna.storages import RetryFailedTrialCallback
 
     beat = int(os.environ.get("PYRAMIDINFER_HEARTBEAT", "30"))  # seconds; a dead worker's trial fails after 2 beats
+    retry_arg = (  # renamed in Optuna 4.9
+        "heartbeat_stale_trial_callback"
+        if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+        else "failed_trial_callback"
+    )
     try:
         return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=beat,
-            grace_period=2 * beat,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            url, heartbeat_interval=beat, grace_period=2 * beat, **{retry_arg: RetryFailedTrialCallback(max_retry=2)}
         )
     except Exception as e:
         msg = " ".join(str(e).split())[:160]
@@ -545,7 +548,8 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
     storage = storage_url(getattr(args, "storage", None), out) if do_search else None
     if storage:
         open_storage(storage)  # a bad URL fails now, not after the profile
-    trials = getattr(args, "trials", None) or (12 if args.quick else 40)
+    trials = getattr(args, "trials", None)
+    trials = (12 if args.quick else 40) if trials is None else trials
     if trials < 1:
         raise CalibrateError("--trials must be at least 1")
     model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +39,7 @@ def apply(model: nn.Module, schedule: Schedule, attn: str = "sdpa") -> Iterator[
     original_forward = model.forward
     handles = []
 
+    @functools.wraps(original_forward)  # generate inspects forward's signature (position_ids, cache)
     def forward(*args, **kwargs):
         return _forward(model, schedule, original_forward, args, kwargs)
 
