@@ -472,6 +472,11 @@ def add_search_args(p) -> None:
     p.add_argument("--trials", type=int, help="trials in the study, counting finished ones (default 40, quick 12)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite file beside --out)")
     p.add_argument("--study-name", help="study name (default: from model, budget and settings)")
+    p.add_argument(
+        "--no-search",
+        action="store_true",
+        help="skip Optuna: water-fill the budget on the profile's sensitivity curves (seconds after the profile)",
+    )
 
 
 def settings_from_args(args) -> Settings:
@@ -545,7 +550,8 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
             check_writable(budget_out(out, b, len(budgets) > 1))
     else:
         check_writable(out)
-    storage = storage_url(getattr(args, "storage", None), out) if do_search else None
+    searching = do_search and not getattr(args, "no_search", False)
+    storage = storage_url(getattr(args, "storage", None), out) if searching else None
     if storage:
         open_storage(storage)  # a bad URL fails now, not after the profile
     trials = getattr(args, "trials", None)
@@ -573,7 +579,11 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
                 raise CalibrateError(
                     f"no profile at {stem}.profile.json; run 'calibrate profile' (or 'calibrate run') first"
                 ) from None
-        if do_search:
+        if do_search and getattr(args, "no_search", False):
+            from runtime.families import model_info
+
+            water_fill_only(prof, settings, budgets, out, model_info(model, name=label), data, started)
+        elif do_search:
             from runtime.families import model_info
 
             name = getattr(args, "study_name", None) or study_name_for(label, budgets, settings)
@@ -614,3 +624,32 @@ def export_command(args) -> int:
         check_writable(budget_out(out, b, study.multi))
     study.export(out)
     return 0
+
+
+def water_fill_only(prof, settings: Settings, budgets: list[float], out: Path, info, data: Data, started: float):
+    """`--no-search`: the sensitivity allocation at each budget, default selection, no validation scoring."""
+    from runtime.schedule import Selection
+
+    from . import search as s
+
+    written = []
+    for b in budgets:
+        space = s.Space(b, settings.context_length, prof, info, settings.sinks, [settings.window], settings.window)
+        schedule = space.build("sensitivity", settings.window, {"exponent": 1.0, "mix": 0.0}, Selection())
+        provenance = {
+            "command": command_line(settings.argv),
+            "data": data.describe(),
+            "method": "water-filling on the profile's single-layer sensitivity curves (no search)",
+            "seed": settings.seed,
+            "settings": settings.__dict__,
+            "predicted_kl": prof.predicted_kl(schedule.ratios),
+            "wall_seconds": round(time.time() - started, 1),
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        path = budget_out(out, b, len(budgets) > 1)
+        schedule.with_ratios(schedule.ratios, name=f"{info.name}_b{b:g}", provenance=provenance, budget=b).save(path)
+        prof.save(profile_stem(path))
+        written.append(path)
+        print(f"wrote {path} (water-filled, KV fraction {schedule.kv_fraction():.3f})")
+    return written

@@ -177,3 +177,11 @@ def test_unknown_family_is_refused(text, tmp_path, capsys):
     AutoTokenizer.from_pretrained(local_folder(resolve(None))).save_pretrained(folder)
     err = _error(_args(folder, text, tmp_path / "x.json"), capsys)
     assert "supported families" in err
+
+
+def test_no_search_water_fills_from_the_profile(tiny_model_dir, text, tmp_path):
+    out = tmp_path / "n.json"
+    assert main(_args(tiny_model_dir, text, out, "--budget", "0.5", "--no-search")) == 0
+    schedule = runtime.load_schedule(out)
+    assert abs(schedule.kv_fraction(128) - 0.5) <= 4 / 128 and "water-filling" in schedule.provenance["method"]
+    assert not out.with_suffix(".optuna.db").exists()
