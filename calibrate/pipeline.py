@@ -347,6 +347,8 @@ class Study:
             trial.set_user_attr("kv_fraction", kv)
             return kv, scores["objective"]
 
+        # a worker that died mid-trial stops beating; fail (and re-queue) its trial even if no trial is left to run
+        optuna.storages.fail_stale_trials(self.study)
         done = self.finished()
         if done:
             print(f"search: study '{self.study.study_name}' has {done} finished trials of {self.trials}")
@@ -356,6 +358,7 @@ class Study:
             self.study.optimize(objective, n_trials=1, catch=(RuntimeError,), callbacks=[stop])
             if progress:
                 progress("search: trials", min(self.finished(), self.trials), self.trials)
+        optuna.storages.fail_stale_trials(self.study)
 
     def export(self, out: Path | None = None, started: float | None = None) -> list[Path]:
         """Write one schedule per budget: the best finished trial, with the baselines' scores beside it."""
