@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -336,6 +337,7 @@ class Study:
         budgets, spaces = self.budgets, self.spaces
 
         def objective(trial):
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
             if not self.multi:
                 return s.objective_fn(spaces[budgets[0]], suite)(trial)
             schedule = s.suggest(trial, spaces[trial.suggest_categorical("budget", budgets)])
