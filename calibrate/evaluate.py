@@ -37,6 +37,7 @@ from runtime.schedule import Schedule, ScheduleError, Selection, load_schedule
 
 from . import metrics
 from .errors import CalibrateError
+from .evaluator import row_scores
 from .paths import shared_data
 
 TASKS = ("lm", "longbench", "needle")
@@ -565,12 +566,7 @@ class LMTask:
                 logp = ev._continuation_logprobs(idx, schedule, cache)
                 ref = ev.reference[b]
                 for row, j in enumerate(idx):
-                    ex = ev.examples[j]
-                    sel = ex.scored[1:].to(logp.device)
-                    targets = ex.continuation[1:].to(logp.device)[sel]
-                    lp, rp = logp[row, :-1][sel], ref[row, :-1][sel]
-                    kl = (rp.exp() * (rp - lp)).sum(-1)
-                    nll = -lp.gather(-1, targets[:, None])[:, 0]
+                    kl, nll, _ = row_scores(ev.examples[j], logp[row], ref[row])
                     records.append(
                         {"id": f"w{j}", "kl": float(kl.mean()), "nll": float(nll.mean()), "kv_fraction": kv[row]}
                     )

@@ -40,6 +40,19 @@ class Scores:
         return float(torch.tensor(self.nll).exp())
 
 
+def row_scores(ex: Example, logp: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per scored token of one continuation: KL(full || compressed), NLL; and whether every one is argmax-right.
+
+    `logp`/`ref` are [M, V] log-probabilities; position t predicts continuation token t+1.
+    """
+    sel = ex.scored[1:].to(logp.device)
+    targets = ex.continuation[1:].to(logp.device)[sel]
+    lp, rp = logp[:-1][sel], ref[:-1][sel]
+    kl = (rp.exp() * (rp - lp)).sum(-1)
+    nll = -lp.gather(-1, targets[:, None])[:, 0]
+    return kl, nll, bool((lp.argmax(-1) == targets).all())
+
+
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -115,20 +128,12 @@ class Evaluator:
                 ref = self.reference[b]
                 for row, j in enumerate(idx):
                     ex = self.examples[j]
-                    # logits at continuation position t predict continuation token t+1
-                    sel = ex.scored[1:].to(logp.device)
-                    targets = ex.continuation[1:].to(logp.device)[sel]
-                    lp, rp = logp[row, :-1][sel], ref[row, :-1][sel]
-                    kl = (rp.exp() * (rp - lp)).sum(-1)
-                    nll = -lp.gather(-1, targets[:, None])[:, 0]
+                    kl, nll, correct = row_scores(ex, logp[row], ref[row])
                     kl_sum += float(kl.sum())
                     nll_sum += float(nll.sum())
-                    count += int(sel.sum())
+                    count += kl.numel()
                     per_kl.append(float(kl.mean()))
-                    if ex.kind == "retrieval":
-                        per_ok.append(bool((lp.argmax(-1) == targets).all()))
-                    else:
-                        per_ok.append(None)
+                    per_ok.append(correct if ex.kind == "retrieval" else None)
                 if on_batch is not None:
                     on_batch(b + 1, kl_sum / max(count, 1))
         oks = [o for o in per_ok if o is not None]

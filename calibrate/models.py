@@ -30,6 +30,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from runtime.schedule import write_atomic
+
 from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -204,23 +206,11 @@ def file_sha256(path: str | os.PathLike) -> str:
         digest = h.hexdigest()
         memo[key] = [*stamp, digest]
         try:
-            _write_text_atomic(memo_path, json.dumps(memo, indent=1) + "\n")
+            write_atomic(memo_path, json.dumps(memo, indent=1) + "\n")
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
     _HASH_MEMO[key] = (*stamp, digest)
     return digest
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- GGUF -> safetensors folder
