@@ -112,7 +112,14 @@ def open_storage(url: str):
     import inspect
 
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+
+    # the retry callback was renamed in Optuna 4.9
+    RetryFailedTrialCallback = (
+        getattr(  # noqa: N806
+            optuna.storages, "RetryHeartbeatStaleTrialCallback", None
+        )
+        or optuna.storages.RetryFailedTrialCallback
+    )
 
     beat = int(os.environ.get("PYRAMIDINFER_HEARTBEAT", "30"))  # seconds; a dead worker's trial fails after 2 beats
     retry_arg = (  # renamed in Optuna 4.9
