@@ -237,3 +237,20 @@ def test_recent_and_random_selection_baselines():
         a = model(ids).past_key_values.layers[0].pos
         b = model(ids).past_key_values.layers[0].pos
     assert torch.equal(a, b) and a[0, 0].tolist() != kept  # repeatable, and not the recency choice
+
+
+def test_runtime_package_imports_nothing_from_the_calibration_side():
+    """runtime is what production installs: it must not depend on calibrate, optuna, datasets or scipy."""
+    import ast
+    from pathlib import Path
+
+    banned = {"calibrate", "optuna", "datasets", "scipy"}
+    for path in (Path(runtime.__file__).parent).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
