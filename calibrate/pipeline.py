@@ -349,11 +349,7 @@ class Study:
                 return s.objective_fn(spaces[budgets[0]], suite)(trial)
             schedule = s.suggest(trial, spaces[trial.suggest_categorical("budget", budgets)])
             scores = suite.score(schedule)
-            for k, v in scores.items():
-                if v is not None:
-                    trial.set_user_attr(k, float(v))
-            kv = schedule.kv_fraction(settings.context_length)
-            trial.set_user_attr("kv_fraction", kv)
+            kv = s.record(trial, scores, schedule, settings.context_length)
             return kv, scores["objective"]
 
         # a worker that died mid-trial stops beating; fail (and re-queue) its trial even if no trial is left to run

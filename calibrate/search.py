@@ -180,13 +180,20 @@ def objective_fn(space: Space, suite: Suite) -> Callable[[optuna.Trial], float]:
                 raise optuna.TrialPruned()
 
         scores = suite.score(schedule, on_batch)
-        for key, value in scores.items():
-            if value is not None:
-                trial.set_user_attr(key, float(value))
-        trial.set_user_attr("kv_fraction", schedule.kv_fraction(space.context_length))
+        record(trial, scores, schedule, space.context_length)
         return scores["objective"]
 
     return objective
+
+
+def record(trial: optuna.Trial, scores: dict[str, Any], schedule: Schedule, context_length: int) -> float:
+    """Keep a trial's scores and KV fraction on the trial (the study stores what the schedule file reports)."""
+    for key, value in scores.items():
+        if value is not None:
+            trial.set_user_attr(key, float(value))
+    kv = schedule.kv_fraction(context_length)
+    trial.set_user_attr("kv_fraction", kv)
+    return kv
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
