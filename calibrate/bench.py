@@ -29,12 +29,25 @@ class RunStats:
     peak_memory_bytes: int  # process memory above what it held before the run (CUDA: allocator peak)
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier runs back to the OS (glibc keeps it), so "above start" is not understated."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then be low for later runs
+        pass
+
+
 class _PeakRSS:
     """Samples the process's resident memory in a thread: torch's CPU allocations are invisible to tracemalloc."""
 
     def __init__(self, interval: float = 0.005):
         import psutil
 
+        _release_freed_memory()
         self._proc = psutil.Process()
         self._interval = interval
         self.base = self._proc.memory_info().rss

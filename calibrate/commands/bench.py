@@ -22,6 +22,8 @@ the measured peak KV bytes per row (default limit: what the stock cache needs at
 
 
 def add_parser(subparsers):
+    from ..pipeline import DEVICE_MAP_HELP
+
     p = subparsers.add_parser(
         "bench",
         help="compare the stock model and a schedule: prefill, decode, KV bytes, peak memory, largest batch",
@@ -34,6 +36,7 @@ def add_parser(subparsers):
     p.add_argument("--mode", choices=["evict", "drop"], help="override the schedule's prefill mode (reference: drop)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=2048, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -60,7 +63,7 @@ def run(args) -> int:
             raise ScheduleError(f"--{name.replace('_', '-')} must be at least 1")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
     limit = model.config.max_position_embeddings
     if args.context + args.new_tokens > limit:
         raise ScheduleError(

@@ -73,6 +73,8 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(subparsers):
+    from ..pipeline import DEVICE_MAP_HELP
+
     p = subparsers.add_parser(
         "eval",
         help="quality against KV memory: calibrated schedules vs baselines on WikiText-2, LongBench-E, needles",
@@ -94,6 +96,7 @@ def add_parser(subparsers):
     p.add_argument("--out-dir", help="where results go (default runs/eval_MODEL, runs/eval_MODEL_quick)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP)
     p.add_argument("--data-dir", help="the shared data folder (default ../shared/data or $PYRAMIDINFER_DATA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is much faster when "
@@ -208,7 +211,7 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
     base = None
     if args.schedule:
         from runtime.schedule import load_schedule

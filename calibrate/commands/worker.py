@@ -31,6 +31,7 @@ def add_parser(subparsers):
     p.add_argument("--storage", required=True, help="Optuna storage URL of the study")
     p.add_argument("--study-name", required=True)
     p.add_argument("--device", help="override the study's device for this worker (cpu, cuda, auto)")
+    p.add_argument("--device-map", help="override the study's device map for this worker (auto, balanced, JSON file)")
     p.set_defaults(func=run)
     return p
 

@@ -3,10 +3,11 @@
     python -m calibrate.experiments.paired_kl schedules/smollm2-135m-instruct_b0.3.json [...] \\
         [--data wikitext2 gutenberg] [--windows 24] [--context 2048] [--continuation 128]
 
-Text that calibration never saw: WikiText-2 (test) and the Gutenberg novels. Every method is scored on the same
-prefilled windows (evict mode): KL(full || compressed) per continuation token, perplexity, and the number of
-windows on which the calibrated schedule has the lower KL than each baseline. References are built at the
-calibrated schedule's own KV fraction at --context tokens, so memory is equal.
+Text that calibration never saw: WikiText-2 (test) and the Gutenberg novels, less any file that one of the
+schedules was calibrated on (read from its provenance; the excluded files are printed). Every method is scored
+on the same prefilled windows (evict mode): KL(full || compressed) per continuation token, perplexity, and the
+number of windows on which the calibrated schedule has the lower KL than each baseline. References are built at
+the calibrated schedule's own KV fraction at --context tokens, so memory is equal.
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     print(f"{args.windows} windows of {args.context} + {args.continuation} tokens per data set, evict mode")
     print("| data | KV fraction | method | KL | PPL | calibrated wins (windows) |\n|---|---|---|---|---|---|")
+    seen = [src for path in args.schedules for src in load_schedule(path).provenance.get("data", {}).get("sources", [])]
     for name in args.data:
-        stream = data.token_stream(tok, data.load_texts([shared_data() / SOURCES[name]]))
+        files, excluded = data.held_out([shared_data() / SOURCES[name]], seen)
+        if excluded:
+            print(f"{name}: left out, calibrated on: {', '.join(f.name for f in excluded)}")
+        if not files:
+            raise SystemExit(f"every {name} file was calibrated on; nothing held out to evaluate on")
+        stream = data.token_stream(tok, data.load_texts(files))
         windows = data.cut_windows(stream, args.context + args.continuation, args.windows, seed=1)
         ev = evaluator.Evaluator(model, tasks.text_examples(windows, args.context))
         full = ev.score(ev.probe)
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                         "ppl": sc.ppl,
                         "calibrated_wins": wins,
                         "windows": len(windows),
+                        "files": [f.name for f in files],
                         "per_window_kl": sc.per_example_kl,
                     }  # fmt: skip
                 )
