@@ -213,3 +213,18 @@ def test_held_out_leaves_out_the_files_calibrated_on(tmp_path):
     assert [f.name for f in kept] == ["a.txt", "c.txt"] and [f.name for f in excluded] == ["b.txt"]
     kept, excluded = data.held_out([books], [books])
     assert kept == [] and len(excluded) == 3
+
+
+def test_device_map_calibrates_a_split_model_like_the_whole(tiny_model_dir, text, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYRAMIDINFER_CACHE", str(tmp_path / "cache"))  # accelerate's disk offload goes here
+    split = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    split |= {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(4)}
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps(split))
+    whole, parted = tmp_path / "whole" / "s.json", tmp_path / "parted" / "s.json"
+    quick = ("--budget", "0.5", "--no-search")
+    assert main(_args(tiny_model_dir, text, whole, *quick)) == 0
+    assert main(_args(tiny_model_dir, text, parted, *quick, "--device-map", str(mapping))) == 0
+    a, b = runtime.load_schedule(whole), runtime.load_schedule(parted)
+    assert a.ratios == pytest.approx(b.ratios, abs=1e-6)
+    assert b.provenance["settings"]["device_map"] == str(mapping)

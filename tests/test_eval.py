@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import COMMON, tiny_model
+from tiny_models import tiny_model
 
 import runtime
 from calibrate import evaluate as ev
@@ -180,27 +180,6 @@ def test_lm_task_matches_the_evaluator():
 # ---------------------------------------------------------------- the command, end to end on a tiny model
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer (and chat template), saved as a model folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from calibrate.errors import ModelError
-    from calibrate.models import local_folder, resolve
-
-    try:
-        tok = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
-    except ModelError as e:
-        pytest.skip(f"SmolLM2's tokenizer is needed: {e}")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{**COMMON, "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
-                         "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id})  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny-eval")
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 TINY = [
     "--quick", "--budgets", "0.5", "--methods", "full,uniform,streamingllm",
     "--lm-context", "192", "--lm-continuation", "16", "--lm-windows", "2",
@@ -210,11 +189,11 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_eval_command_end_to_end_and_resume(tiny_folder: Path, shared_data: Path, tmp_path: Path, capsys,
+def test_eval_command_end_to_end_and_resume(tiny_model_dir: Path, shared_data: Path, tmp_path: Path, capsys,
                                             monkeypatch):  # fmt: skip
     out = tmp_path / "eval"
     cal = uniform(4, 0.6, budget=0.5, name="cal").save(tmp_path / "cal.json")
-    args = ["eval", "--model", str(tiny_folder), "--out-dir", str(out), "--schedule", str(cal), *TINY]
+    args = ["eval", "--model", str(tiny_model_dir), "--out-dir", str(out), "--schedule", str(cal), *TINY]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "| method | budget | mode | KV |" in text and "avg score" in text
@@ -254,10 +233,10 @@ def test_eval_command_end_to_end_and_resume(tiny_folder: Path, shared_data: Path
     assert "computed 1 results, reused 31" in capsys.readouterr().out
 
 
-def test_eval_refuses_other_settings_in_the_same_out_dir(tiny_folder: Path, shared_data: Path, tmp_path: Path,
+def test_eval_refuses_other_settings_in_the_same_out_dir(tiny_model_dir: Path, shared_data: Path, tmp_path: Path,
                                                          capsys):  # fmt: skip
     out = tmp_path / "eval"
-    base = ["eval", "--model", str(tiny_folder), "--out-dir", str(out), "--tasks", "lm", "--methods", "full",
+    base = ["eval", "--model", str(tiny_model_dir), "--out-dir", str(out), "--tasks", "lm", "--methods", "full",
             "--lm-context", "128", "--lm-continuation", "8", "--lm-windows", "1", "--no-plots"]  # fmt: skip
     assert main(base) == 0
     capsys.readouterr()
