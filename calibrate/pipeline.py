@@ -468,6 +468,22 @@ DEVICE_MAP_HELP = (
 )
 
 
+THREADS_HELP = (
+    "CPU threads for torch (default: torch's); with N workers on one machine give each cores/N, since "
+    "oversubscribed cores slow every worker down"
+)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise CalibrateError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def add_common_args(p) -> None:
     p.add_argument("--model", help="hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument(
@@ -484,6 +500,7 @@ def add_common_args(p) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--quick", action="store_true", help="small preset (512-token windows, fewer of them)")
     p.add_argument("--out", default=None, help="schedule file to write (default: runs/MODEL_bBUDGET.json)")
 
@@ -569,6 +586,7 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
 
     started = time.time()
     settings = settings_from_args(args)
+    set_threads(args.threads)
     budgets = budgets_from_args(args) if do_search else [0.3]
     for b in budgets:
         check_budget(b, settings)
@@ -631,6 +649,7 @@ def worker_command(args) -> int:
     """Join a study: read its settings and profile from the storage, run trials until its budget is reached."""
     from .models import load_model
 
+    set_threads(args.threads)
     study = Study(args.storage, args.study_name)
     settings = study.settings
     if args.device:

@@ -21,6 +21,8 @@ trial marks it FAIL and re-queues its parameters, so the study still reaches its
 
 
 def add_parser(subparsers):
+    from ..pipeline import THREADS_HELP
+
     p = subparsers.add_parser(
         "worker",
         help="join an existing study and run trials until its trial budget is reached",
@@ -32,6 +34,7 @@ def add_parser(subparsers):
     p.add_argument("--study-name", required=True)
     p.add_argument("--device", help="override the study's device for this worker (cpu, cuda, auto)")
     p.add_argument("--device-map", help="override the study's device map for this worker (auto, balanced, JSON file)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=run)
     return p
 

@@ -7,13 +7,14 @@
 For every worker count a fresh study is calibrated with `calibrate run --quick` (which computes the profile once
 and reuses it for the later counts, since the settings match) while `calibrate worker` processes join it; the time
 counted runs from the moment the study exists (profile stored) until every process has exited with N trials
-finished. Only ratios measured in one run are meant to be compared.
+finished. Each process gets cores / workers torch threads. Only ratios measured in one run are compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,9 @@ def time_workers(workers: int, args, out: Path) -> dict:
     import optuna
 
     name = f"speedup-{workers}-{uuid.uuid4().hex[:6]}"
-    common = ["--storage", args.storage, "--study-name", name]
+    # each process gets its share of the cores: oversubscribed torch threads slow every worker down
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    common = ["--storage", args.storage, "--study-name", name, "--threads", str(threads)]
     run = [sys.executable, "-m", "calibrate", "run", "--quick", "--trials", str(args.trials), "--out", str(out)]
     run += ["--context-length", str(args.context_length), "--data", *args.data, *common]
     if args.model:
