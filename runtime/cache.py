@@ -140,6 +140,11 @@ class PyramidLayer(DynamicLayer):
         """Append `part` along the slot axis of the `_Slots` attribute `name`, into its spare room if it has some."""
         d = self.__dict__
         buf, used, q = d["_" + name], d["_" + name + "_used"], part.shape[2]
+        fresh = part._base is None and part.is_contiguous() and part.shape[:2] == buf.shape[:2]
+        if used == 0 and spare == 0 and fresh:
+            # a prompt's keys come as a fresh tensor that nothing else holds: keep it instead of copying it
+            d["_" + name], d["_" + name + "_used"] = part, q
+            return
         buf = _with_room(buf, used, used + q, spare)
         buf[:, :, used : used + q] = part  # broadcasts positions and validity over the heads
         d["_" + name], d["_" + name + "_used"] = buf, used + q
