@@ -164,7 +164,8 @@ def calibration_split_each(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`calibration_split` within each source, windows shared out over the sources (each gets at least one).
 
-    Splitting the joined stream would put the first sources in calibration and the last ones in validation.
+    Splitting the joined stream would put the first sources in calibration and the last ones in validation. With
+    one source this is exactly `calibration_split` (same counts, same seed).
     """
     k = len(streams)
     calib, valid = [], []

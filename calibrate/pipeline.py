@@ -154,10 +154,7 @@ class Data:
             self.source = ["generated filler"]
         stream = torch.cat(streams)
         length = s.context_length + s.continuation
-        if len(streams) == 1:
-            calib, valid = data.calibration_split(stream, length, s.calib_windows, s.valid_windows, seed=s.seed)
-        else:
-            calib, valid = data.calibration_split_each(streams, length, s.calib_windows, s.valid_windows, s.seed)
+        calib, valid = data.calibration_split_each(streams, length, s.calib_windows, s.valid_windows, s.seed)
         self.calib_text = tasks.text_examples(calib, s.context_length)
         self.valid_text = tasks.text_examples(valid, s.context_length)
         self.calib_tasks = tasks.make_tasks(tokenizer, s.calib_tasks, s.context_length, s.task_continuation, s.seed)

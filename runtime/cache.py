@@ -64,6 +64,19 @@ class _Slots:
             layer.__dict__[self.used] = value.shape[2]
 
 
+def _recent_per_row(name: str) -> property:
+    """[B, W] view of the last `query_window` entries of the [B, 1, T] buffer `name` (assigned as [B, W])."""
+
+    def get(layer) -> torch.Tensor | None:
+        t = getattr(layer, name)
+        return None if t is None else t[:, 0, -layer.query_window :]
+
+    def put(layer, value: torch.Tensor | None) -> None:
+        setattr(layer, name, None if value is None else value[:, None])
+
+    return property(get, put)
+
+
 class PyramidLayer(DynamicLayer):
     """One layer's cache: keys/values [B, H, T, D] plus slot positions and validity [B, H, T].
 
@@ -105,21 +118,8 @@ class PyramidLayer(DynamicLayer):
     def q_buf(self, value: torch.Tensor | None) -> None:
         self._q = value
 
-    @property
-    def q_buf_pos(self) -> torch.Tensor | None:
-        return None if self._q_pos is None else self._q_pos[:, 0, -self.query_window :]
-
-    @q_buf_pos.setter
-    def q_buf_pos(self, value: torch.Tensor | None) -> None:
-        self._q_pos = None if value is None else value[:, None]
-
-    @property
-    def q_buf_valid(self) -> torch.Tensor | None:
-        return None if self._q_valid is None else self._q_valid[:, 0, -self.query_window :]
-
-    @q_buf_valid.setter
-    def q_buf_valid(self, value: torch.Tensor | None) -> None:
-        self._q_valid = None if value is None else value[:, None]
+    q_buf_pos = _recent_per_row("_q_pos")
+    q_buf_valid = _recent_per_row("_q_valid")
 
     # ---- transformers interface
 
@@ -140,9 +140,10 @@ class PyramidLayer(DynamicLayer):
         """Append `part` along the slot axis of the `_Slots` attribute `name`, into its spare room if it has some."""
         d = self.__dict__
         buf, used, q = d["_" + name], d["_" + name + "_used"], part.shape[2]
-        fresh = part._base is None and part.is_contiguous() and part.shape[:2] == buf.shape[:2]
-        if used == 0 and spare == 0 and fresh:
-            # a prompt's keys come as a fresh tensor that nothing else holds: keep it instead of copying it
+        # a prompt's keys come as a fresh tensor that nothing else holds: keep it instead of copying it (checked
+        # in this order so that decode steps, which always have used > 0, pay for one comparison only)
+        fresh = used == 0 and spare == 0 and part._base is None and part.is_contiguous()
+        if fresh and part.shape[:2] == buf.shape[:2]:
             d["_" + name], d["_" + name + "_used"] = part, q
             return
         buf = _with_room(buf, used, used + q, spare)

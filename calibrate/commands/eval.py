@@ -181,6 +181,7 @@ def run(args) -> int:
     from .. import evaluate as ev
     from .. import report
     from ..models import load_model, resolve
+    from ..pipeline import set_threads
 
     started = time.time()
     command = shlex.join(["calibrate", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "calibrate eval"
@@ -207,10 +208,7 @@ def run(args) -> int:
     }
     store = ev.Store(out_dir / "results.json", meta)  # refuses results made with other settings, before loading
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
     base = None
     if args.schedule:
