@@ -73,6 +73,25 @@ def water_fill(
     return ratios
 
 
+def equal_weight(parts: Sequence[Sequence[Sequence[float]]], compressible: Sequence[bool]) -> list[list[float]]:
+    """Average per-kind curves (`parts[k][l][g]`) after dividing each kind by its own mean over compressible layers.
+
+    Retrieval tasks lose nats by the dozen where a needle is dropped, while natural text loses hundredths; a plain
+    mean of KLs is then decided by the tasks alone, and text-only layers starve. Weighing every kind by its
+    relative loss makes each count equally, whatever its scale (water-filling ignores the overall scale).
+    """
+    layers = [i for i, c in enumerate(compressible) if c]
+    out = [[0.0] * len(row) for row in parts[0]]
+    for part in parts:
+        scale = sum(sum(part[i]) for i in layers) / max(sum(len(part[i]) for i in layers), 1)
+        if scale <= 0:
+            continue  # a kind that no compression hurts has nothing to say about the allocation
+        for i, row in enumerate(part):
+            for g, v in enumerate(row):
+                out[i][g] += v / scale / len(parts)
+    return out
+
+
 def blend(a: Sequence[float], b: Sequence[float], weight: float) -> list[float]:
     """(1 - weight) * a + weight * b, element-wise."""
     return [(1 - weight) * x + weight * y for x, y in zip(a, b, strict=True)]

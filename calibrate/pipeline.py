@@ -210,7 +210,8 @@ def build_profile(model, tokenizer, settings: Settings, data: Data, stem: Path, 
             saved = profile.Profile.load(stem)
         except (OSError, ValueError, KeyError):
             saved = None
-        if saved is not None and saved.meta.get("settings_key") == settings.key():
+        # a profile without per-kind curves predates the equal weighting of text and tasks: measure it again
+        if saved is not None and saved.meta.get("settings_key") == settings.key() and saved.parts is not None:
             print(f"profile: reusing {json_path}")
             return saved
     t0 = time.perf_counter()
@@ -686,7 +687,8 @@ def water_fill_only(prof, settings: Settings, budgets: list[float], out: Path, i
         provenance = {
             "command": command_line(settings.argv),
             "data": data.describe(),
-            "method": "water-filling on the profile's single-layer sensitivity curves (no search)",
+            "method": "water-filling on the profile's single-layer sensitivity curves, text and tasks weighed"
+            " equally (no search)",
             "seed": settings.seed,
             "settings": settings.__dict__,
             "predicted_kl": prof.predicted_kl(schedule.ratios),

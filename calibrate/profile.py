@@ -3,8 +3,9 @@
 - Recent attention consistency (PyramidInfer's RAC): the share of the attention that future tokens put on the
   context keys that the recent window's attention would keep, at a grid of retention ratios (recall curves), the
   overlap of the two top sets, and how recall changes with the size of the recent window.
-- Output sensitivity: the KL against the full cache when only one layer is compressed, at the same grid. This is
-  the signal the allocation uses: attention recall is a poor proxy for what the output needs.
+- Output sensitivity: the KL against the full cache when only one layer is compressed, at the same grid, per kind
+  of example (natural text, retrieval tasks). This is the signal the allocation uses: attention recall is a poor
+  proxy for what the output needs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import runtime
 from runtime.schedule import Schedule, Selection, write_atomic
 
+from .allocate import equal_weight
 from .evaluator import Evaluator
 
 GRID = (0.02, 0.05, 0.1, 0.25, 0.5)
@@ -36,9 +38,11 @@ class Profile:
     recall: torch.Tensor  # [L, G] future attention share kept at each ratio (recent-window selection)
     overlap: torch.Tensor  # [L, G] |top by recent ∩ top by future| / k
     window_recall: torch.Tensor  # [L, W] recall at ratio 0.2 for each recent-window size
-    sensitivity: torch.Tensor  # [L, G] KL when only this layer is compressed at each ratio
+    sensitivity: torch.Tensor  # [L, G] KL when only this layer is compressed at each ratio (mean over kinds)
     compressible: list[bool]
     meta: dict[str, Any] = field(default_factory=dict)
+    parts: torch.Tensor | None = None  # [K, L, G] the same per kind of example; None in profiles made before
+    part_names: list[str] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +83,12 @@ class Profile:
         ss_tot = float(sum((yi - mean) ** 2 for yi in y)) or 1e-12
         return {"a": float(a), "b": float(b), "c": float(c), "r2": 1 - ss_res / ss_tot, "level": level}
 
+    def allocation_curves(self) -> list[list[float]]:
+        """The curves a budget is water-filled on: every kind of example weighs by its relative loss."""
+        if self.parts is None:
+            return self.sensitivity.tolist()
+        return equal_weight(self.parts.tolist(), self.compressible)
+
     def predicted_kl(self, ratios: Sequence[float]) -> float:
         """Sum of the single-layer KLs at these ratios (piecewise linear in the grid, 0 at ratio 1).
 
@@ -108,6 +118,9 @@ class Profile:
             "ratio_for_95pct_recall": self.ratio_for_recall(0.95),
             "decay_fit_95pct": self.decay_fit(0.95),
             "sensitivity": self.sensitivity.tolist(),
+            "sensitivity_by_kind": dict(zip(self.part_names, self.parts.tolist(), strict=True))
+            if self.parts is not None
+            else {},
             "recall": self.recall.tolist(),
             "overlap": self.overlap.tolist(),
             "window_recall": self.window_recall.tolist(),
@@ -121,7 +134,10 @@ class Profile:
         json_path = stem.with_name(stem.name + ".profile.json")
         tmp = tensors_path.with_name("." + tensors_path.name + ".tmp")
         tensors = {k: getattr(self, k).contiguous() for k in ("recall", "overlap", "window_recall", "sensitivity")}
-        save_file(tensors, str(tmp), metadata={"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)})
+        if self.parts is not None:
+            tensors["sensitivity_parts"] = self.parts.contiguous()
+        metadata = {"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)}
+        save_file(tensors, str(tmp), metadata={**metadata, "parts": json.dumps(self.part_names)})
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # like any other file the user writes
@@ -145,6 +161,8 @@ class Profile:
             sensitivity=t["sensitivity"],
             compressible=summary["compressible"],
             meta=summary.get("meta", {}),
+            parts=t.get("sensitivity_parts"),
+            part_names=list(summary.get("sensitivity_by_kind", {})),
         )
 
     def table(self) -> str:
@@ -224,8 +242,8 @@ def measure(
 ) -> Profile:
     """Recall curves on the evaluator's examples, then single-layer sensitivity curves.
 
-    Sensitivity is the mean, over `evaluator` and the `also` evaluators (e.g. retrieval tasks), of the KL per
-    scored token, so that natural text and retrieval weigh equally.
+    Sensitivity is measured on `evaluator` and on each of the `also` evaluators (e.g. retrieval tasks) and kept
+    per evaluator (`parts`, named by the kind of their examples); `sensitivity` is their mean KL per token.
     """
     selection = selection or Selection()
     layers = evaluator.layers
@@ -271,28 +289,45 @@ def measure(
                 window_recall[layer, wi] += float(rec[0] if w != window else rec[i02]) / n_batches
         if progress:
             progress("attention recall", bi + 1, n_batches)
-    sensitivity = torch.zeros(layers, len(grid))
-    total = sum(compressible) * len(grid)
-    done = 0
-    for layer in range(layers):
-        if not compressible[layer]:
-            continue
-        for gi, ratio in enumerate(grid):
-            ratios = [1.0] * layers
-            ratios[layer] = ratio
-            sched = Schedule(ratios=ratios, window=window, sinks=sinks, selection=selection)
-            kls = [ev.score(sched).kl for ev in (evaluator, *also)]
-            sensitivity[layer, gi] = sum(kls) / len(kls)
-            done += 1
-            if progress:
-                progress("layer sensitivity", done, total)
+    base = Schedule(ratios=[1.0] * layers, window=window, sinks=sinks, selection=selection)
+    evaluators = [evaluator, *also]
+    parts = single_layer_kl(evaluators, base, compressible, grid, progress)
     return Profile(
         grid=grid,
         windows=windows,
         recall=recall,
         overlap=overlap,
         window_recall=window_recall,
-        sensitivity=sensitivity,
+        sensitivity=parts.mean(0),
         compressible=compressible,
         meta={"sinks": sinks, "window": window, "selection": selection.__dict__, "examples": len(evaluator.examples)},
+        parts=parts,
+        part_names=[ev.examples[0].kind for ev in evaluators],
     )
+
+
+def single_layer_kl(
+    evaluators: Sequence[Evaluator],
+    base: Schedule,
+    compressible: Sequence[bool],
+    grid: Sequence[float],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> torch.Tensor:
+    """[K, L, G]: per evaluator, the KL per token when only layer l keeps grid[g] of its context (base elsewhere)."""
+    layers = len(compressible)
+    out = torch.zeros(len(evaluators), layers, len(grid))
+    total = sum(compressible) * len(grid)
+    done = 0
+    for layer in range(layers):
+        if not compressible[layer]:
+            continue
+        for gi, ratio in enumerate(grid):
+            ratios = list(base.ratios)
+            ratios[layer] = ratio
+            sched = base.with_ratios(ratios)
+            for k, ev in enumerate(evaluators):
+                out[k, layer, gi] = ev.score(sched).kl
+            done += 1
+            if progress:
+                progress("layer sensitivity", done, total)
+    return out

@@ -74,7 +74,7 @@ class Space:
         if kind == "sensitivity":
             mean = self.mean_ratio(window)
             filled = water_fill(
-                self.profile.sensitivity.tolist(),
+                self.profile.allocation_curves(),
                 self.profile.grid,
                 mean,
                 self.profile.compressible,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from calibrate.allocate import blend, convex_hull, water_fill
+from calibrate.allocate import blend, convex_hull, equal_weight, water_fill
 
 GRID = [0.1, 0.5]
 
@@ -35,3 +35,18 @@ def test_tiny_budget_and_non_compressible_layers():
 
 def test_blend():
     assert blend([0.0, 1.0], [1.0, 1.0], 0.25) == [0.25, 1.0]
+
+
+def test_equal_weight_lets_a_small_scale_kind_count():
+    text = [[0.02, 0.01], [0.0, 0.0], [0.001, 0.0005]]  # text needs layer 0
+    tasks = [[0.0, 0.0], [3.0, 2.0], [0.0, 0.0]]  # retrieval needs layer 1, in far larger nats
+    plain = [[(a + b) / 2 for a, b in zip(x, y)] for x, y in zip(text, tasks)]
+    assert water_fill(plain, GRID, mean_ratio=0.4)[0] == pytest.approx(0.1)  # the tasks' nats decide alone
+    both = equal_weight([text, tasks], [True] * 3)
+    ratios = water_fill(both, GRID, mean_ratio=0.4)
+    assert ratios[0] > 0.1 and ratios[1] > 0.1 and sum(ratios) == pytest.approx(1.2)
+    # each kind is divided by its own mean: scaling one kind changes nothing
+    scaled = equal_weight([text, [[10 * v for v in r] for r in tasks]], [True] * 3)
+    assert sum(scaled, []) == pytest.approx(sum(both, []))
+    # a non-compressible layer does not count towards a kind's scale
+    assert equal_weight([[[1.0], [0.0]], [[2.0], [0.0]]], [True, False]) == [[1.0], [0.0]]

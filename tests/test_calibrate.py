@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import runtime
 from calibrate.cli import main
+from calibrate.profile import Profile
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -59,6 +61,11 @@ def test_run_writes_a_loadable_schedule_within_budget(tiny_model_dir, text, tmp_
     assert (tmp_path / "s.profile.json").is_file() and (tmp_path / "s.profile.safetensors").is_file()
     summary = json.loads((tmp_path / "s.profile.json").read_text())
     assert len(summary["sensitivity"]) == 4 and len(summary["ratio_for_95pct_recall"]) == 4
+    # text and retrieval curves are kept apart (the allocation weighs them equally); their mean is `sensitivity`
+    prof = Profile.load(tmp_path / "s")
+    assert prof.part_names == ["text", "retrieval"] and prof.parts.shape == (2, 4, len(prof.grid))
+    assert torch.allclose(prof.parts.mean(0), prof.sensitivity)
+    assert list(summary["sensitivity_by_kind"]) == ["text", "retrieval"]
     # the runtime applies it
     from transformers import AutoModelForCausalLM
 

@@ -1,13 +1,14 @@
 """Calibrated schedules against uniform, PyramidKV and PyramidInfer at equal KV memory, paired per window.
 
     python -m calibrate.experiments.paired_kl schedules/smollm2-135m-instruct_b0.3.json [...] \\
-        [--data wikitext2 gutenberg] [--windows 24] [--context 2048] [--continuation 128]
+        [--data wikitext2 gutenberg] [--windows 24] [--context 2048] [--continuation 128] [--leave-out FILE ...]
 
 Text that calibration never saw: WikiText-2 (test) and the Gutenberg novels, less any file that one of the
-schedules was calibrated on (read from its provenance; the excluded files are printed). Every method is scored
-on the same prefilled windows (evict mode): KL(full || compressed) per continuation token, perplexity, and the
-number of windows on which the calibrated schedule has the lower KL than each baseline. References are built at
-the calibrated schedule's own KV fraction at --context tokens, so memory is equal.
+schedules was calibrated on (read from its provenance) or that --leave-out names (excluded files are printed).
+Every method is scored on the same prefilled windows (evict mode): KL(full || compressed) per continuation
+token, perplexity, and the number of windows on which the calibrated schedule has the lower KL than each
+baseline. References are built at the calibrated schedule's own KV fraction at --context tokens, so memory is
+equal.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--continuation", type=int, default=128)
+    p.add_argument(
+        "--leave-out", nargs="*", default=[], metavar="FILE", help="also leave out these (a development text)"
+    )
     p.add_argument("--out", help="also write the results as JSON")
     args = p.parse_args(argv)
     model, tok = load_model(args.model)
@@ -44,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.windows} windows of {args.context} + {args.continuation} tokens per data set, evict mode")
     print("| data | KV fraction | method | KL | PPL | calibrated wins (windows) |\n|---|---|---|---|---|---|")
     seen = [src for path in args.schedules for src in load_schedule(path).provenance.get("data", {}).get("sources", [])]
+    seen += args.leave_out
     for name in args.data:
         files, excluded = data.held_out([shared_data() / SOURCES[name]], seen)
         if excluded:
-            print(f"{name}: left out, calibrated on: {', '.join(f.name for f in excluded)}")
+            print(f"{name}: left out (calibrated on or --leave-out): {', '.join(f.name for f in excluded)}")
         if not files:
             raise SystemExit(f"every {name} file was calibrated on; nothing held out to evaluate on")
         stream = data.token_stream(tok, data.load_texts(files))
