@@ -136,6 +136,7 @@ class Config:
     budget: float  # mean KV fraction (1 for full; a schedule file's own budget)
     mode: str = "evict"
     path: str | None = None  # schedule file (calibrated), used as it is
+    digest: str = ""  # what the schedule is made of: a stored result made from anything else is stale
 
     @property
     def key(self) -> str:
@@ -148,6 +149,14 @@ class Config:
 
 def file_label(path: str | Path, schedule: Schedule) -> str:
     return schedule.name or Path(path).stem
+
+
+def schedule_digest(schedule: Schedule, settings_only: bool = False) -> str:
+    """Hash of what a schedule does (not its provenance); `settings_only`: without ratios, budget and name,
+    which is what the reference methods borrow from the first calibrated schedule."""
+    drop = {"provenance", "ratios", "budget", "name", "context_length"} if settings_only else {"provenance"}
+    body = {k: v for k, v in schedule.to_dict().items() if k not in drop}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def schedule_budget(schedule: Schedule) -> float:
@@ -179,11 +188,13 @@ def make_configs(
     configs: list[Config] = []
     if "full" in methods:
         configs.append(Config("full", 1.0, "evict"))
+    borrowed = schedule_digest(loaded[0][1], settings_only=True) if loaded else ""  # see ScheduleMaker
     for mode in modes:
         for b in all_budgets:
-            configs += [Config(m, b, mode) for m in methods if m != "full" and b < 1.0]
+            configs += [Config(m, b, mode, digest=borrowed) for m in methods if m != "full" and b < 1.0]
         for path, schedule in loaded:
-            configs.append(Config(file_label(path, schedule), schedule_budget(schedule), mode, str(path)))
+            label, budget = file_label(path, schedule), schedule_budget(schedule)
+            configs.append(Config(label, budget, mode, str(path), schedule_digest(schedule)))
     keys = [c.key for c in configs]
     dup = next((k for k in keys if keys.count(k) > 1), None)
     if dup:
@@ -1053,17 +1064,27 @@ class Store:
     def key(task: str, group: str, config: Config) -> str:
         return f"{task}|{group}|{config.key}"
 
+    def _current(self, task: str, group: str, config: Config) -> dict[str, Any] | None:
+        """The stored record of this column, unless it was made from another schedule (then it is dropped)."""
+        key = self.key(task, group, config)
+        r = self.records.get(key)
+        if r is not None and r.get("schedule_digest", "") != config.digest:
+            del self.records[key]
+            return None
+        return r
+
     def has(self, task: str, group: str, config: Config, sample_id: str) -> bool:
-        r = self.records.get(self.key(task, group, config))
+        r = self._current(task, group, config)
         return r is not None and any(s["id"] == sample_id for s in r["samples"])
 
     def add(self, task: str, group: str, config: Config, fields: dict[str, Any], samples: list[dict[str, Any]],
             expected: Sequence[str]) -> dict[str, Any]:  # fmt: skip
         key = self.key(task, group, config)
-        r = self.records.get(key)
+        r = self._current(task, group, config)
         if r is None:
             r = {"key": key, "task": task, "group": group, "method": config.method, "budget": config.budget,
-                 "mode": config.mode, "schedule_file": config.path, **fields, "samples": []}  # fmt: skip
+                 "mode": config.mode, "schedule_file": config.path, "schedule_digest": config.digest, **fields,
+                 "samples": []}  # fmt: skip
             self.records[key] = r
         have = {s["id"] for s in r["samples"]}
         r["samples"] += [s for s in samples if s["id"] not in have]

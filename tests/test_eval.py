@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -231,6 +232,16 @@ def test_eval_command_end_to_end_and_resume(tiny_model_dir: Path, shared_data: P
     monkeypatch.undo()
     assert main(args) == 0
     assert "computed 1 results, reused 31" in capsys.readouterr().out
+
+    # a schedule file changed under the same name: its results are recomputed, the references' are kept
+    uniform(4, 0.5, budget=0.5, name="cal").save(cal)
+    assert main(args) == 0
+    assert "computed 8 results, reused 24" in capsys.readouterr().out
+    # a changed selection also changes the references, which borrow it from the first schedule file
+    changed = uniform(4, 0.5, budget=0.5, name="cal")
+    dataclasses.replace(changed, selection=dataclasses.replace(changed.selection, pooling="none")).save(cal)
+    assert main(args) == 0
+    assert "computed 24 results, reused 8" in capsys.readouterr().out
 
 
 def test_eval_refuses_other_settings_in_the_same_out_dir(tiny_model_dir: Path, shared_data: Path, tmp_path: Path,
