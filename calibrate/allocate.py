@@ -24,6 +24,13 @@ def convex_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, floa
     return hull
 
 
+def mean_ratio_at(budget: float, context_length: int, protected: int) -> float:
+    """The mean ratio of the droppable context that keeps a KV fraction of `budget` when `protected` tokens
+    (sinks and recent window) are always kept; rounding aside, which a final rescale to the budget settles."""
+    n = context_length
+    return max(1e-3, min(1.0, (budget * n - protected) / max(n - protected, 1)))
+
+
 def water_fill(
     curves: Sequence[Sequence[float]],
     grid: Sequence[float],

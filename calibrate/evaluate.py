@@ -1064,23 +1064,22 @@ class Store:
     def key(task: str, group: str, config: Config) -> str:
         return f"{task}|{group}|{config.key}"
 
-    def _current(self, task: str, group: str, config: Config) -> dict[str, Any] | None:
-        """The stored record of this column, unless it was made from another schedule (then it is dropped)."""
-        key = self.key(task, group, config)
-        r = self.records.get(key)
-        if r is not None and r.get("schedule_digest", "") != config.digest:
-            del self.records[key]
-            return None
-        return r
+    def forget_stale(self, configs: Sequence[Config]) -> None:
+        """Drop the stored records of these columns that were made from another schedule (same label, changed
+        file or borrowed settings): they are computed again."""
+        for key, r in list(self.records.items()):
+            config = next((c for c in configs if key.endswith("|" + c.key)), None)  # task|group|column
+            if config is not None and r.get("schedule_digest", "") != config.digest:
+                del self.records[key]
 
     def has(self, task: str, group: str, config: Config, sample_id: str) -> bool:
-        r = self._current(task, group, config)
+        r = self.records.get(self.key(task, group, config))
         return r is not None and any(s["id"] == sample_id for s in r["samples"])
 
     def add(self, task: str, group: str, config: Config, fields: dict[str, Any], samples: list[dict[str, Any]],
             expected: Sequence[str]) -> dict[str, Any]:  # fmt: skip
         key = self.key(task, group, config)
-        r = self._current(task, group, config)
+        r = self.records.get(key)
         if r is None:
             r = {"key": key, "task": task, "group": group, "method": config.method, "budget": config.budget,
                  "mode": config.mode, "schedule_file": config.path, "schedule_digest": config.digest, **fields,

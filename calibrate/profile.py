@@ -136,8 +136,7 @@ class Profile:
         tensors = {k: getattr(self, k).contiguous() for k in ("recall", "overlap", "window_recall", "sensitivity")}
         if self.parts is not None:
             tensors["sensitivity_parts"] = self.parts.contiguous()
-        metadata = {"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)}
-        save_file(tensors, str(tmp), metadata={**metadata, "parts": json.dumps(self.part_names)})
+        save_file(tensors, str(tmp), metadata={"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)})
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # like any other file the user writes

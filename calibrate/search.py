@@ -18,7 +18,7 @@ import optuna
 from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import ModelInfo, Schedule, Selection
 
-from .allocate import blend, water_fill
+from .allocate import blend, mean_ratio_at, water_fill
 from .evaluator import Evaluator, Scores
 from .profile import Profile
 
@@ -66,8 +66,7 @@ class Space:
 
     def mean_ratio(self, window: int) -> float:
         """The mean ratio that meets the budget (ignoring rounding; the final rescale makes it exact)."""
-        n, protected = self.context_length, self.sinks + window
-        return max(1e-3, min(1.0, (self.budget * n - protected) / max(n - protected, 1)))
+        return mean_ratio_at(self.budget, self.context_length, self.sinks + window)
 
     def shape(self, kind: str, window: int, params: dict[str, float]) -> list[float]:
         layers = self.model.num_layers

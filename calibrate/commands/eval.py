@@ -207,6 +207,7 @@ def run(args) -> int:
         "task_settings": {t: settings.task_settings(t) for t in tasks},
     }
     store = ev.Store(out_dir / "results.json", meta)  # refuses results made with other settings, before loading
+    store.forget_stale(configs)
 
     set_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)

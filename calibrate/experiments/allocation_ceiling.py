@@ -21,7 +21,7 @@ from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import load_schedule, write_atomic
 
 from .. import data, evaluator, tasks
-from ..allocate import water_fill
+from ..allocate import mean_ratio_at, water_fill
 from ..models import load_model
 from ..pipeline import Progress
 from ..profile import GRID, single_layer_kl
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for b in args.budgets:
         add(b, "uniform", at_budget("uniform", layers, b, prompt_tokens=args.context, model=info))
-        mean = (b * args.context - base.sinks - base.window) / (args.context - base.sinks - base.window)
-        filled = water_fill(curves, CURVE_GRID, mean, compressible)
+        filled = water_fill(curves, CURVE_GRID, mean_ratio_at(b, args.context, base.sinks + base.window), compressible)
         add(b, "in-sample water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
     for path in args.schedules:
         schedule = load_schedule(path)
