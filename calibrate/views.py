@@ -347,6 +347,40 @@ def sensitivity_curves(profile, floor: float = 1e-6) -> Any:
     return fig
 
 
+@_styled
+def sensitivity_by_kind(profile, ratio: float = 0.1, floor: float = 1e-6) -> Any:
+    """Single-layer KL per kind of example (natural text, retrieval tasks) across depth at the grid ratio nearest
+    `ratio`. Left: in nats, log scale. Right: each kind divided by its own mean over the compressible layers, and
+    their average: the curve the allocation water-fills (`calibrate.allocate.equal_weight`). None for a profile
+    saved without per-kind curves."""
+    if profile.parts is None:
+        return None
+    grid = list(profile.grid)
+    g = min(range(len(grid)), key=lambda j: abs(grid[j] - ratio))
+    layers = [i for i in range(profile.num_layers) if profile.compressible[i]]
+    from .allocate import equal_weight
+
+    parts = profile.parts.tolist()
+    fig, (left, right) = figure(11, 3.6, ncols=2)
+    for k, (name, part) in enumerate(zip(profile.part_names, parts, strict=True)):
+        relative = equal_weight([part], profile.compressible)  # one kind alone: divided by its own mean
+        left.plot(layers, [max(part[i][g], floor) for i in layers], "o-", ms=3, lw=1, color=_tab(k), label=name)
+        right.plot(layers, [max(relative[i][g], floor) for i in layers], "o-", ms=3, lw=1, color=_tab(k), alpha=0.6)
+    weighted = profile.allocation_curves()
+    right.plot(layers, [max(weighted[i][g], floor) for i in layers], "k-", lw=1.8, label="allocation (equal weight)")
+    left.set_yscale("log")
+    left.set_ylabel("KL(full || compressed), nats/token")
+    left.set_title(f"single-layer sensitivity per kind at ratio {grid[g]:g}", fontsize=9)
+    right.set_yscale("log")
+    right.set_ylabel("KL / that kind's mean (all layers, ratios)")
+    right.set_title("what the allocation sees: each kind counts equally", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 # ---------------------------------------------------------------- schedules
 
 

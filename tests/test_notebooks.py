@@ -21,6 +21,7 @@ pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
 from calibrate import views  # noqa: E402
+from calibrate.profile import Profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -56,8 +57,6 @@ def run(name: str, env: dict[str, str]) -> tuple[str, int]:
 def make_profile(stem: Path, num_layers: int, compressible: list[bool]):
     import torch
 
-    from calibrate.profile import Profile
-
     grid = [0.02, 0.05, 0.1, 0.25, 0.5]
     windows = [8, 16, 32]
     recall = torch.tensor([[g ** (0.25 + 0.5 * layer / num_layers) for g in grid] for layer in range(num_layers)])
@@ -70,6 +69,8 @@ def make_profile(stem: Path, num_layers: int, compressible: list[bool]):
         window_recall=recall[:, 3:4].repeat(1, len(windows)),
         sensitivity=sens,
         compressible=compressible,
+        parts=torch.stack([sens, sens.flip(0) * 30]),  # text and tasks at different scales, as measured
+        part_names=["text", "retrieval"],
         meta={"sinks": 4, "window": 16, "synthetic": True},
     )
     prof.save(stem)
@@ -268,7 +269,7 @@ def synthetic(tmp_path_factory) -> dict[str, str]:
 def test_inspect_schedule_synthetic(synthetic):
     text, images = run("inspect_schedule", synthetic)
     assert "profile:" in text and "margin vs the best baseline" in text and "additivity:" in text
-    assert images == 5  # recall heat map, decay, sensitivity, retention, tokens kept
+    assert images == 6  # recall heat map, decay, sensitivity, sensitivity per kind, retention, tokens kept
 
 
 def test_search_synthetic(synthetic):
@@ -305,7 +306,10 @@ def test_notebooks_on_repository_artifacts():
     if schedule:
         text, images = run("inspect_schedule", {})
         assert f"schedule: {views.rel(schedule, ROOT)}" in text
-        assert images == (5 if views.profile_stem(schedule) else 2), text
+        stem = views.profile_stem(schedule)
+        # with a profile: recall, decay, sensitivity (+ per kind when the profile has them), retention, tokens kept
+        expected = 2 + (3 + (Profile.load(stem).parts is not None) if stem else 0)
+        assert images == expected, text
     if study:
         text, images = run("search", {})
         assert f"storage: {views.rel(study, ROOT)}" in text and images >= 1, text
