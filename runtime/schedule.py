@@ -133,7 +133,8 @@ def kept_tokens(ratio: float, prompt_tokens: int, sinks: int, window: int) -> in
     return protected + min(context, math.ceil(ratio * context - 1e-9))
 
 
-def write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -173,6 +173,13 @@ def test_save_creates_parent_folders(tmp_path: Path):
     assert load_schedule(path) == full_schedule()
 
 
+def test_write_atomic_takes_a_string_path(tmp_path: Path):
+    # the experiments pass argparse strings; a str once failed only after an 11-minute run
+    target = tmp_path / "sub" / "out.json"
+    assert schedule_mod.write_atomic(str(target), "{}\n") == target
+    assert target.read_text() == "{}\n" and [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
 def test_failed_serialisation_keeps_existing_file(tmp_path: Path):
     path = full_schedule().save(tmp_path / "s.json")
     before = path.read_bytes()

@@ -103,7 +103,7 @@ def run(args) -> int:
     )
     print(bench.format_table(result))
     if args.out:
-        write_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
+        write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

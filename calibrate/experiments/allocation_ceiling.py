@@ -53,22 +53,27 @@ def main(argv: list[str] | None = None) -> None:
 
     def add(budget: float, method: str, schedule) -> None:
         kl = ev.score(schedule).kl
-        rows.append({"budget": budget, "method": method, "kl": kl, "ratios": list(schedule.ratios)})
-
-    for b in args.budgets:
-        add(b, "uniform", at_budget("uniform", layers, b, prompt_tokens=args.context, model=info))
-        filled = water_fill(curves, CURVE_GRID, mean_ratio_at(b, args.context, base.sinks + base.window), compressible)
-        add(b, "in-sample water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
-    for path in args.schedules:
-        schedule = load_schedule(path)
         kv = schedule.kv_fraction(args.context)
-        add(kv, f"{path}", schedule)
-        add(kv, "uniform", at_budget("uniform", layers, kv, prompt_tokens=args.context, model=info))
+        rows.append({"budget": budget, "method": method, "kv_fraction": kv, "kl": kl, "ratios": list(schedule.ratios)})
+
+    # A schedule is compared with the uniform of its budget when its KV fraction rounds to one (0.19998 ~ 0.2):
+    # a second uniform at the unrounded fraction would be a near-duplicate row costing a full scoring pass.
+    schedules = [(path, load_schedule(path)) for path in args.schedules]
+    budgets = sorted({*args.budgets, *(round(s.kv_fraction(args.context), 2) for _, s in schedules)})
+    for b in budgets:
+        add(b, "uniform", at_budget("uniform", layers, b, prompt_tokens=args.context, model=info))
+        if b in args.budgets:
+            mean_ratio = mean_ratio_at(b, args.context, base.sinks + base.window)
+            filled = water_fill(curves, CURVE_GRID, mean_ratio, compressible)
+            add(b, "in-sample water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
+        for path, schedule in schedules:
+            if round(schedule.kv_fraction(args.context), 2) == b:
+                add(b, path, schedule)
     print(f"{len(windows)} windows of {args.context} + {args.continuation} tokens of {args.text}, evict mode")
     print("| KV fraction | method | KL | KL / uniform |\n|---|---|---|---|")
     for r in rows:
-        uni = next(x["kl"] for x in rows if x["method"] == "uniform" and abs(x["budget"] - r["budget"]) < 1e-9)
-        print(f"| {r['budget']:.3f} | {r['method']} | {r['kl']:.4f} | {r['kl'] / uni:.2f} |")
+        uni = next(x["kl"] for x in rows if x["method"] == "uniform" and x["budget"] == r["budget"])
+        print(f"| {r['budget']:.2f} | {r['method']} | {r['kl']:.4f} | {r['kl'] / uni:.2f} |")
     if args.out:
         result = {
             "text": args.text,

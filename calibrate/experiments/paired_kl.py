@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from runtime.families import model_info
 from runtime.reference import at_budget
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
         print(f"| {name} | 1.000 | full cache | 0 | {full.ppl:.2f} | |")
     if args.out:
-        write_atomic(Path(args.out), json.dumps(results, indent=1) + "\n")
+        write_atomic(args.out, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

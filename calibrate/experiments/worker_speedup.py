@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(f"| {k} | {row['wall_seconds']:.1f} | {row['speedup']:.2f}x |", flush=True)
     if args.out:
-        write_atomic(Path(args.out), json.dumps(rows, indent=1) + "\n")
+        write_atomic(args.out, json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
