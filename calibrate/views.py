@@ -350,9 +350,10 @@ def sensitivity_curves(profile, floor: float = 1e-6) -> Any:
 @_styled
 def sensitivity_by_kind(profile, ratio: float = 0.1, floor: float = 1e-6) -> Any:
     """Single-layer KL per kind of example (natural text, retrieval tasks) across depth at the grid ratio nearest
-    `ratio`. Left: in nats, log scale. Right: each kind divided by its own mean over the compressible layers, and
-    their average: the curve the allocation water-fills (`calibrate.allocate.equal_weight`). None for a profile
-    saved without per-kind curves."""
+    `ratio`. Left: in nats, log scale. Right: each kind divided by its own mean over the compressible layers and
+    the grid, and their average: the curves the allocation water-fills (`calibrate.allocate.equal_weight`; the
+    search may also reshape them with an exponent or blend towards uniform), at that one ratio. None for a
+    profile saved without per-kind curves."""
     if profile.parts is None:
         return None
     grid = list(profile.grid)
@@ -372,7 +373,7 @@ def sensitivity_by_kind(profile, ratio: float = 0.1, floor: float = 1e-6) -> Any
     left.set_ylabel("KL(full || compressed), nats/token")
     left.set_title(f"single-layer sensitivity per kind at ratio {grid[g]:g}", fontsize=9)
     right.set_yscale("log")
-    right.set_ylabel("KL / that kind's mean (all layers, ratios)")
+    right.set_ylabel("KL / that kind's mean (compressible layers, all ratios)")
     right.set_title("what the allocation sees: each kind counts equally", fontsize=9)
     for ax in (left, right):
         ax.set_xlabel("layer")

@@ -61,15 +61,16 @@ def make_profile(stem: Path, num_layers: int, compressible: list[bool]):
     windows = [8, 16, 32]
     recall = torch.tensor([[g ** (0.25 + 0.5 * layer / num_layers) for g in grid] for layer in range(num_layers)])
     sens = torch.tensor([[(1 - g) * 10 ** -(1 + (layer * 7) % 4) for g in grid] for layer in range(num_layers)])
+    parts = torch.stack([sens, sens.flip(0) * 30])  # text and tasks at different scales, as measured
     prof = Profile(
         grid=grid,
         windows=windows,
         recall=recall,
         overlap=recall * 0.8,
         window_recall=recall[:, 3:4].repeat(1, len(windows)),
-        sensitivity=sens,
+        sensitivity=parts.mean(0),
         compressible=compressible,
-        parts=torch.stack([sens, sens.flip(0) * 30]),  # text and tasks at different scales, as measured
+        parts=parts,
         part_names=["text", "retrieval"],
         meta={"sinks": 4, "window": 16, "synthetic": True},
     )
@@ -270,6 +271,25 @@ def test_inspect_schedule_synthetic(synthetic):
     text, images = run("inspect_schedule", synthetic)
     assert "profile:" in text and "margin vs the best baseline" in text and "additivity:" in text
     assert images == 6  # recall heat map, decay, sensitivity, sensitivity per kind, retention, tokens kept
+
+
+def test_sensitivity_by_kind_draws_the_allocation_curves(tmp_path):
+    import dataclasses
+
+    compressible = [True, False, True, True, True, True]
+    prof = make_profile(tmp_path / "p", len(compressible), compressible)
+    fig = views.sensitivity_by_kind(prof, ratio=0.1)
+    g = list(prof.grid).index(0.1)
+    layers = [i for i, c in enumerate(compressible) if c]
+    left, right = fig.axes[:2]
+    assert [line.get_label() for line in left.get_lines()] == ["text", "retrieval"]
+    assert list(left.get_lines()[1].get_ydata()) == pytest.approx([prof.parts[1, i, g].item() for i in layers])
+    black = right.get_lines()[-1]  # what water_fill receives, column g; the kinds' relative curves average to it
+    assert list(black.get_xdata()) == layers
+    assert list(black.get_ydata()) == pytest.approx([prof.allocation_curves()[i][g] for i in layers])
+    relative = [list(line.get_ydata()) for line in right.get_lines()[:2]]
+    assert [(a + b) / 2 for a, b in zip(*relative, strict=True)] == pytest.approx(list(black.get_ydata()))
+    assert views.sensitivity_by_kind(dataclasses.replace(prof, parts=None)) is None  # profiles from before
 
 
 def test_search_synthetic(synthetic):

@@ -5,9 +5,10 @@
 
 Measures every layer's single-layer KL curve on windows of the given text, water-fills each budget on those very
 curves, and scores that (in-sample, so optimistic) allocation on the same windows beside uniform and the given
-schedules at their KV fractions. If even the in-sample allocation does not halve uniform's KL, no layer
-allocation calibrated elsewhere will: the loss is spread over the layers rather than concentrated in a few.
-Run it on text that the evaluation does not use, or leave that text out of the evaluation afterwards.
+schedules, each beside a uniform of the same KV fraction (within 0.001). If even the in-sample allocation does not
+halve uniform's KL, no layer allocation calibrated elsewhere will: the loss is spread over the layers rather than
+concentrated in a few. Run it on text that the evaluation does not use, or leave that text out of the evaluation
+afterwards.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from ..allocate import mean_ratio_at, water_fill
 from ..models import load_model
 from ..pipeline import Progress
 from ..profile import GRID, single_layer_kl
+from . import check_out
 
 CURVE_GRID = (*GRID, 0.75)  # one more point: at 0.5 budget the upper half of the curve matters
+SAME_BUDGET = 1e-3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--out", help="also write the results as JSON")
     args = p.parse_args(argv)
+    check_out(args.out)
     model, tok = load_model(args.model)
     info = model_info(model)
     layers = info.num_layers
@@ -56,24 +60,26 @@ def main(argv: list[str] | None = None) -> None:
         kv = schedule.kv_fraction(args.context)
         rows.append({"budget": budget, "method": method, "kv_fraction": kv, "kl": kl, "ratios": list(schedule.ratios)})
 
-    # A schedule is compared with the uniform of its budget when its KV fraction rounds to one (0.19998 ~ 0.2):
-    # a second uniform at the unrounded fraction would be a near-duplicate row costing a full scoring pass.
-    schedules = [(path, load_schedule(path)) for path in args.schedules]
-    budgets = sorted({*args.budgets, *(round(s.kv_fraction(args.context), 2) for _, s in schedules)})
-    for b in budgets:
+    for b in args.budgets:
         add(b, "uniform", at_budget("uniform", layers, b, prompt_tokens=args.context, model=info))
-        if b in args.budgets:
-            mean_ratio = mean_ratio_at(b, args.context, base.sinks + base.window)
-            filled = water_fill(curves, CURVE_GRID, mean_ratio, compressible)
-            add(b, "in-sample water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
-        for path, schedule in schedules:
-            if round(schedule.kv_fraction(args.context), 2) == b:
-                add(b, path, schedule)
+        mean_ratio = mean_ratio_at(b, args.context, base.sinks + base.window)
+        filled = water_fill(curves, CURVE_GRID, mean_ratio, compressible)
+        add(b, "in-sample water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
+    for path in args.schedules:
+        schedule = load_schedule(path)
+        kv = schedule.kv_fraction(args.context)
+        # compared with a uniform of the same memory: one already scored when within SAME_BUDGET (0.19998 for
+        # 0.2002), else one built at this schedule's own KV fraction
+        same = [r for r in rows if r["method"] == "uniform" and abs(r["kv_fraction"] - kv) < SAME_BUDGET]
+        if not same:
+            add(kv, "uniform", at_budget("uniform", layers, kv, prompt_tokens=args.context, model=info))
+        add(same[0]["budget"] if same else kv, path, schedule)
+    rows.sort(key=lambda r: r["budget"])  # stable: each budget's uniform first
     print(f"{len(windows)} windows of {args.context} + {args.continuation} tokens of {args.text}, evict mode")
     print("| KV fraction | method | KL | KL / uniform |\n|---|---|---|---|")
     for r in rows:
         uni = next(x["kl"] for x in rows if x["method"] == "uniform" and x["budget"] == r["budget"])
-        print(f"| {r['budget']:.2f} | {r['method']} | {r['kl']:.4f} | {r['kl'] / uni:.2f} |")
+        print(f"| {r['kv_fraction']:.3f} | {r['method']} | {r['kl']:.4f} | {r['kl'] / uni:.2f} |")
     if args.out:
         result = {
             "text": args.text,

@@ -23,6 +23,7 @@ from runtime.schedule import load_schedule, write_atomic
 from .. import data, evaluator, tasks
 from ..models import load_model
 from ..paths import shared_data
+from . import check_out
 
 SOURCES = {"wikitext2": "wikitext2_raw_test", "gutenberg": "gutenberg"}
 BASELINES = ("uniform", "pyramidkv", "pyramidinfer")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", help="also write the results as JSON")
     args = p.parse_args(argv)
+    check_out(args.out)
     model, tok = load_model(args.model)
     info = model_info(model)
     results = []
