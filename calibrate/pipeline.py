@@ -299,8 +299,19 @@ class Study:
         }
 
     @staticmethod
-    def start(storage: str, name: str, settings: Settings, budgets, trials, out: Path, info, prof_stem: Path, data):
-        """Create (or reopen) the study, record its settings, and enqueue the baselines once."""
+    def start(
+        storage: str,
+        name: str,
+        settings: Settings,
+        budgets,
+        trials,
+        out: Path,
+        info,
+        prof_stem: Path,
+        data,
+        warm: list[dict[str, Any]] | None = None,
+    ):
+        """Create (or reopen) the study, record its settings, and enqueue the baselines and `warm` once."""
         from . import search as s
 
         study = s.create_study(open_storage(storage), name, settings.seed, multi=len(budgets) > 1)
@@ -322,6 +333,8 @@ class Study:
                 s.enqueue_baselines_for(study, settings.window, b)
         else:
             s.enqueue_baselines(study, settings.window)
+        for params in warm or []:
+            study.enqueue_trial(params, skip_if_exists=True)
         return Study(storage, name)
 
     def finished(self) -> int:
@@ -515,6 +528,13 @@ def add_search_args(p) -> None:
         action="store_true",
         help="skip Optuna: water-fill the budget on the profile's sensitivity curves (seconds after the profile)",
     )
+    p.add_argument(
+        "--warm-start",
+        nargs="+",
+        metavar="SCHEDULE",
+        help="schedule files written by an earlier calibration: their search parameters are tried first, beside "
+        "the baselines (recalibrating after an upgrade then never loses the old best on validation)",
+    )
 
 
 def settings_from_args(args) -> Settings:
@@ -538,6 +558,23 @@ def settings_from_args(args) -> Settings:
     if settings.context_length < 64:
         raise CalibrateError(f"--context-length {settings.context_length} is too short; use at least 64 tokens")
     return settings
+
+
+def warm_start_params(paths: list[str] | None, budgets: list[float]) -> list[dict[str, Any]]:
+    """The search parameters recorded in earlier schedule files, one trial per budget (a shape fits any budget)."""
+    from runtime.schedule import load_schedule
+
+    out = []
+    for path in paths or []:
+        params = load_schedule(path).provenance.get("params")
+        if not isinstance(params, dict) or "shape" not in params:
+            raise CalibrateError(
+                f"--warm-start {path}: the file records no search parameters (provenance.params); "
+                "give a schedule written by 'calibrate run' or 'calibrate search'"
+            )
+        params = {k: v for k, v in params.items() if k != "budget"}
+        out += [{**params, "budget": b} for b in budgets] if len(budgets) > 1 else [params]
+    return out
 
 
 def budgets_from_args(args) -> list[float]:
@@ -599,6 +636,7 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
     storage = storage_url(getattr(args, "storage", None), out) if searching else None
     if storage:
         open_storage(storage)  # a bad URL fails now, not after the profile
+    warm = warm_start_params(getattr(args, "warm_start", None), budgets) if searching else []
     trials = getattr(args, "trials", None)
     trials = (12 if args.quick else 40) if trials is None else trials
     if trials < 1:
@@ -633,7 +671,7 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
 
             name = getattr(args, "study_name", None) or study_name_for(label, budgets, settings)
             info = model_info(model, name=label)
-            study = Study.start(storage, name, settings, budgets, trials, out, info, stem, data)
+            study = Study.start(storage, name, settings, budgets, trials, out, info, stem, data, warm)
             study.run(model, data, progress)
             progress.close()
             study.export(out, started)

@@ -17,6 +17,7 @@ import torch
 import runtime
 from calibrate.cli import main
 from calibrate.profile import Profile
+from runtime.reference import at_budget
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -125,6 +126,25 @@ def test_multi_budget_search_writes_one_schedule_per_budget(tiny_model_dir, text
     for b in (0.3, 0.6):
         s = runtime.load_schedule(tmp_path / f"m_b{b:g}.json")
         assert s.budget == b and s.kv_fraction(128) <= b + 4 / 128
+
+
+def test_warm_start_tries_an_earlier_schedules_parameters(tiny_model_dir, text, tmp_path, capsys):
+    import optuna
+
+    first = tmp_path / "old.json"
+    assert main(_args(tiny_model_dir, text, first, "--trials", "4")) == 0
+    doc = json.loads(first.read_text())
+    params = {k: v for k, v in doc["provenance"]["params"].items() if k not in ("exponent", "mix", "slope")}
+    doc["provenance"]["params"] = {**params, "shape": "linear", "slope": 0.37}  # one no baseline or sampler picks
+    first.write_text(json.dumps(doc))
+    out = tmp_path / "new" / "s.json"
+    assert main(_args(tiny_model_dir, text, out, "--trials", "6", "--warm-start", str(first))) == 0
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out.with_suffix('.optuna.db')}")
+    assert [t.params for t in study.trials if t.params.get("slope") == 0.37] == [doc["provenance"]["params"]]
+    # without provenance parameters (a hand-made schedule) it fails in one line, before any work
+    plain = at_budget("uniform", 4, 0.3).save(tmp_path / "plain.json")
+    message = _error(_args(tiny_model_dir, text, tmp_path / "x.json", "--warm-start", str(plain)), capsys)
+    assert "records no search parameters" in message and not (tmp_path / "x.profile.json").exists()
 
 
 def _error(argv, capsys) -> str:

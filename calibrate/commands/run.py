@@ -14,6 +14,7 @@ examples:
   calibrate run --budgets 0.2,0.3,0.5 --trials 60 # one study, NSGA-II, one schedule per budget
   calibrate run --model gemma3-270m --out schedules/gemma3-270m_b0.3.json
   calibrate run --storage sqlite:///runs/study.db --study-name mine   # run again to resume it
+  calibrate run --out runs/new.json --warm-start schedules/old_b0.3.json   # recalibrate, old best tried too
 
 The profile (attention consistency and per-layer sensitivity) is saved beside the schedule and reused when
 the settings match; the Optuna study lives in --storage (default: an SQLite file beside the schedule), so the
