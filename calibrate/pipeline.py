@@ -328,13 +328,13 @@ class Study:
             ("data", data.describe()),
         ):
             study.set_user_attr(key, value)
-        if len(budgets) > 1:
-            for b in budgets:
-                s.enqueue_baselines_for(study, settings.window, b)
-        else:
-            s.enqueue_baselines(study, settings.window)
+        # a multi-budget study searches the budget too: each enqueued trial is pinned to one, for every budget
+        pins = [{"budget": b} for b in budgets] if len(budgets) > 1 else [{}]
+        for pin in pins:
+            s.enqueue_baselines(study, settings.window, pin)
         for params in warm or []:
-            study.enqueue_trial(params, skip_if_exists=True)
+            for pin in pins:
+                study.enqueue_trial({**params, **pin}, skip_if_exists=True)
         return Study(storage, name)
 
     def finished(self) -> int:
@@ -560,8 +560,8 @@ def settings_from_args(args) -> Settings:
     return settings
 
 
-def warm_start_params(paths: list[str] | None, budgets: list[float]) -> list[dict[str, Any]]:
-    """The search parameters recorded in earlier schedule files, one trial per budget (a shape fits any budget)."""
+def warm_start_params(paths: list[str] | None) -> list[dict[str, Any]]:
+    """The search parameters recorded in earlier schedule files, less their budget (a shape fits any budget)."""
     from runtime.schedule import load_schedule
 
     out = []
@@ -572,8 +572,7 @@ def warm_start_params(paths: list[str] | None, budgets: list[float]) -> list[dic
                 f"--warm-start {path}: the file records no search parameters (provenance.params); "
                 "give a schedule written by 'calibrate run' or 'calibrate search'"
             )
-        params = {k: v for k, v in params.items() if k != "budget"}
-        out += [{**params, "budget": b} for b in budgets] if len(budgets) > 1 else [params]
+        out.append({k: v for k, v in params.items() if k != "budget"})
     return out
 
 
@@ -636,7 +635,7 @@ def run_command(args, do_profile: bool = True, do_search: bool = True) -> int:
     storage = storage_url(getattr(args, "storage", None), out) if searching else None
     if storage:
         open_storage(storage)  # a bad URL fails now, not after the profile
-    warm = warm_start_params(getattr(args, "warm_start", None), budgets) if searching else []
+    warm = warm_start_params(getattr(args, "warm_start", None)) if searching else []
     trials = getattr(args, "trials", None)
     trials = (12 if args.quick else 40) if trials is None else trials
     if trials < 1:

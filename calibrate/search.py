@@ -160,10 +160,6 @@ def enqueue_baselines(study: optuna.Study, window: int, extra: dict[str, Any] | 
         study.enqueue_trial({**baseline_params(kind, window), **(extra or {})}, skip_if_exists=True)
 
 
-def enqueue_baselines_for(study: optuna.Study, window: int, budget: float) -> None:
-    enqueue_baselines(study, window, {"budget": budget})
-
-
 def schedule_of_params(params: dict[str, Any], space: Space) -> Schedule:
     """Rebuild a finished trial's schedule from its parameters (the study stores parameters, not files)."""
     return suggest(optuna.trial.FixedTrial({k: v for k, v in params.items() if k != "budget"}), space)

@@ -354,13 +354,13 @@ def sensitivity_by_kind(profile, ratio: float = 0.1, floor: float = 1e-6) -> Any
     the grid, and their average: the curves the allocation water-fills (`calibrate.allocate.equal_weight`; the
     search may also reshape them with an exponent or blend towards uniform), at that one ratio. None for a
     profile saved without per-kind curves."""
+    from .allocate import equal_weight
+
     if profile.parts is None:
         return None
     grid = list(profile.grid)
     g = min(range(len(grid)), key=lambda j: abs(grid[j] - ratio))
     layers = [i for i in range(profile.num_layers) if profile.compressible[i]]
-    from .allocate import equal_weight
-
     parts = profile.parts.tolist()
     fig, (left, right) = figure(11, 3.6, ncols=2)
     for k, (name, part) in enumerate(zip(profile.part_names, parts, strict=True)):

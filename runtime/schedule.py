@@ -117,7 +117,7 @@ class Schedule:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the schedule as JSON, atomically: a reader never sees a half-written file."""
         validate(self)
-        return write_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def with_ratios(self, ratios: list[float], **changes: Any) -> Schedule:
         changes.setdefault("selection", dataclasses.replace(self.selection))

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         if excluded:
             print(f"{name}: left out (calibrated on or --leave-out): {', '.join(f.name for f in excluded)}")
         if not files:
-            raise SystemExit(f"every {name} file was calibrated on; nothing held out to evaluate on")
+            raise SystemExit(f"every {name} file was calibrated on or left out; nothing held out to evaluate on")
         stream = data.token_stream(tok, data.load_texts(files))
         windows = data.cut_windows(stream, args.context + args.continuation, args.windows, seed=1)
         ev = evaluator.Evaluator(model, tasks.text_examples(windows, args.context))
