@@ -98,13 +98,13 @@ def choose(
     scores: torch.Tensor,  # [B, H', T] with H' = 1 (shared by heads) or H
     valid: torch.Tensor,  # [B, H', T]
     protect: torch.Tensor,  # [B, H', T]
-    keep: torch.Tensor,  # [B] tokens to keep per row
+    keep: torch.Tensor,  # [B] tokens to keep per row, or [B, H'] per row and head
     k_max: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (chronological) of the k_max best slots per row and head, and which of them are really kept.
 
-    Rows that keep fewer than k_max tokens mark their surplus slots invalid, so a batch stays rectangular while
-    every row keeps exactly its own count.
+    Rows (or heads) that keep fewer than k_max tokens mark their surplus slots invalid, so a batch stays
+    rectangular while every row keeps exactly its own count.
     """
     ranked = scores.float().masked_fill(protect, float("inf")).masked_fill(~valid, float("-inf"))
     k_max = min(k_max, ranked.shape[-1])
@@ -112,7 +112,7 @@ def choose(
     top, idx = torch.sort(ranked, dim=-1, descending=True, stable=True)
     top, idx = top[..., :k_max], idx[..., :k_max]
     rank = torch.arange(k_max, device=idx.device)
-    kept = (rank[None, None, :] < keep[:, None, None]) & (top > float("-inf"))
+    kept = (rank[None, None, :] < keep.view(keep.shape[0], -1, 1)) & (top > float("-inf"))
     idx, order = torch.sort(idx, dim=-1)
     return idx, torch.gather(kept, -1, order)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from calibrate.experiments import allocation_ceiling, paired_kl
 
@@ -49,7 +50,9 @@ def test_paired_kl_pairs_windows_at_equal_memory(tiny_model_dir, shared_data, tm
     argv = [str(schedule), "--model", str(tiny_model_dir), "--data", "wikitext2", "--windows", "3", *WINDOWS]
     paired_kl.main([*argv, "--out", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())}
-    assert list(rows) == ["calibrated", "uniform", "pyramidkv", "pyramidinfer"]
+    assert list(rows) == ["calibrated", "uniform", "pyramidkv", "pyramidinfer", "full cache"]
+    full = rows.pop("full cache")  # the reference row: perplexity of the uncompressed cache
+    assert full["kl"] == 0 and 1 < full["ppl"] < rows["uniform"]["ppl"] * 1.5
     assert all(len(r["per_window_kl"]) == 3 for r in rows.values())
     # the "calibrated" schedule here is uniform itself: same KL on every window, so it wins none
     assert rows["uniform"]["per_window_kl"] == pytest.approx(rows["calibrated"]["per_window_kl"])
@@ -63,3 +66,50 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
     for main in (lambda a: paired_kl.main(["s.json", *a]), lambda a: allocation_ceiling.main(["text.txt", *a])):
         with pytest.raises(SystemExit, match="^error: cannot create folder"):
             main(["--model", "no-such-model", "--out", str(blocker / "x.json")])  # the model is never loaded
+
+
+def test_per_head_shares(tmp_path):
+    """Equal shares per head score exactly as that layer ratio; unequal ones keep each head's own count."""
+    from tiny_models import tiny_model
+
+    from calibrate import tasks
+    from runtime.families import model_info
+    from runtime.reference import at_budget
+    from runtime.schedule import kept_tokens
+
+    model = tiny_model("llama")
+    info = model_info(model)
+    windows = torch.randint(3, 128, (3, 144), generator=torch.Generator().manual_seed(0))
+    ev = allocation_ceiling.PerHead(model, tasks.text_examples(windows, 128), batch_size=2)
+    base = at_budget("all_ones", info.num_layers, prompt_tokens=128, model=info)
+    ratios = [1.0, 0.1, 1.0, 1.0]
+    layer = ev.score(base.with_ratios(ratios))
+    heads = ev.score_heads(base, [[r, r] for r in ratios])
+    assert heads.kl > 0 and heads.per_example_kl == pytest.approx(layer.per_example_kl, rel=1e-5)
+    # head 0 of layer 1 squeezed, head 1 whole: each head holds its own count, the rest are invalid slots
+    cache = ev.compressed_cache(0, base)
+    allocation_ceiling.trim_heads(cache, base, [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    counts = cache.layers[1].valid.sum(-1)
+    assert counts.tolist() == [[kept_tokens(0.1, 128, base.sinks, base.window), 128]] * 2
+    mixed = ev.score_heads(base, [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    assert 0 < mixed.kl != pytest.approx(heads.kl)
+    shares = [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    expected = (kept_tokens(0.1, 128, base.sinks, base.window) + 7 * 128) / (8 * 128)
+    assert allocation_ceiling.head_kv_fraction(shares, [True] * 4, base, 128) == pytest.approx(expected)
+
+
+def test_allocation_ceiling_per_head(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "ceiling.json"
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    argv = [str(text), "--model", str(tiny_model_dir), "--budgets", "0.3", "--windows", "2", *WINDOWS]
+    allocation_ceiling.main([*argv, "--per-head", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["uniform", "in-sample water-fill", "in-sample per-head water-fill"]
+    heads = rows[2]["ratios"]
+    assert len(heads) == 4 and all(len(h) == 2 for h in heads)  # 4 layers x 2 KV heads
+    assert sum(map(sum, heads)) / 8 == pytest.approx(allocation_ceiling.mean_ratio_at(0.3, 128, 4 + 32), abs=1e-9)
+    assert rows[2]["kv_fraction"] == pytest.approx(rows[0]["kv_fraction"], abs=0.01)
+    assert len(result["head_curves"]) == 4 and all(
+        len(c) == len(result["grid"]) for h in result["head_curves"] for c in h
+    )

@@ -88,6 +88,17 @@ def main(argv: list[str] | None = None) -> None:
                     }  # fmt: skip
                 )
         print(f"| {name} | 1.000 | full cache | 0 | {full.ppl:.2f} | |")
+        results.append(
+            {
+                "data": name,
+                "kv_fraction": 1.0,
+                "method": "full cache",
+                "kl": 0.0,
+                "ppl": full.ppl,
+                "windows": len(windows),
+                "files": [f.name for f in files],
+            }  # fmt: skip
+        )
     if args.out:
         write_atomic(args.out, json.dumps(results, indent=1) + "\n")
 
