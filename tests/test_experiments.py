@@ -113,3 +113,17 @@ def test_allocation_ceiling_per_head(tiny_model_dir, shared_data, tmp_path):
     assert len(result["head_curves"]) == 4 and all(
         len(c) == len(result["grid"]) for h in result["head_curves"] for c in h
     )
+
+
+def test_allocation_ceiling_curves_from_other_text(tiny_model_dir, shared_data, tmp_path):
+    """--curves-from: the curves come from other text (as in calibration), the scores from the given text."""
+    scored = shared_data / "tinyshakespeare" / "input.txt"
+    other = shared_data / "wikitext2_raw_test" / "wiki.test.raw"
+    argv = [str(scored), "--model", str(tiny_model_dir), "--budgets", "0.3", "--windows", "2", *WINDOWS]
+    allocation_ceiling.main([*argv, "--out", str(tmp_path / "in.json")])
+    allocation_ceiling.main([*argv, "--curves-from", str(other), "--out", str(tmp_path / "out.json")])
+    inside, outside = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("in", "out"))
+    assert [r["method"] for r in outside["rows"]] == ["uniform", "water-fill"]
+    assert outside["curves_from"] == [str(other)] and inside["curves_from"] == [str(scored)]
+    assert outside["curves"] != inside["curves"]
+    assert outside["rows"][0]["kl"] == pytest.approx(inside["rows"][0]["kl"])  # scored on the same windows

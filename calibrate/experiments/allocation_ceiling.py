@@ -2,7 +2,7 @@
 
     python -m calibrate.experiments.allocation_ceiling ../shared/data/gutenberg/pg2701_moby_dick.txt \\
         --schedules schedules/smollm2-135m-instruct_b0.2.json [...] [--budgets 0.2 0.3 0.5] [--windows 8] \\
-        [--per-head]
+        [--per-head] [--curves-from ../shared/data/tinyshakespeare]
 
 Measures every layer's single-layer KL curve on windows of the given text, water-fills each budget on those very
 curves, and scores that (in-sample, so optimistic) allocation on the same windows beside uniform and the given
@@ -14,6 +14,9 @@ afterwards.
 --per-head asks the same of a finer allocation: every KV head gets its own curve (only that head of that layer
 compressed) and its own share, water-filled over all heads at the same mean. The runtime stores a layer's heads
 at one length, so this is a ceiling for ragged per-head caches (AdaKV-style), not something it can serve.
+
+--curves-from measures the curves on other text (as calibration would) and scores on the given text: the same
+allocations, out of sample.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from ..pipeline import Progress
 from ..profile import GRID, single_layer_kl
 from . import check_out
 
-CURVE_GRID = (*GRID, 0.75)  # one more point: at 0.5 budget the upper half of the curve matters
+# 0.75 too, whatever the profile's grid: at 0.5 budget the upper half of the curve matters
+CURVE_GRID = tuple(sorted({*GRID, 0.75}))
 SAME_BUDGET = 1e-3
 
 
@@ -101,7 +105,10 @@ class PerHead(evaluator.Evaluator):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("text", help="text file or folder to measure and score on")
+    p.add_argument("text", nargs="+", help="text files or folders to score on (and measure on, by default)")
+    p.add_argument(
+        "--curves-from", nargs="+", metavar="TEXT", help="measure the curves on this text instead: not in-sample"
+    )
     p.add_argument("--schedules", nargs="*", default=[], help="schedule files to score beside the ceiling")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     p.add_argument("--model")
@@ -115,14 +122,20 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model)
     info = model_info(model)
     layers = info.num_layers
-    stream = data.token_stream(tok, data.load_texts([args.text]))
-    windows = data.cut_windows(stream, args.context + args.continuation, args.windows, seed=7)
-    ev = PerHead(model, tasks.text_examples(windows, args.context))
+
+    def evaluator_on(texts: list[str]) -> PerHead:
+        stream = data.token_stream(tok, data.load_texts(texts))
+        windows = data.cut_windows(stream, args.context + args.continuation, args.windows, seed=7)
+        return PerHead(model, tasks.text_examples(windows, args.context))
+
+    ev = evaluator_on(args.text)
+    measured = evaluator_on(args.curves_from) if args.curves_from else ev
+    fill = "water-fill" if args.curves_from else "in-sample water-fill"
     base = at_budget("all_ones", layers, prompt_tokens=args.context, model=info)
     compressible = list(info.compressible)
     progress = Progress()
-    curves = single_layer_kl([ev], base, compressible, CURVE_GRID, progress)[0].tolist()
-    head_curves = ev.head_curves(base, compressible, CURVE_GRID, progress) if args.per_head else None
+    curves = single_layer_kl([measured], base, compressible, CURVE_GRID, progress)[0].tolist()
+    head_curves = measured.head_curves(base, compressible, CURVE_GRID, progress) if args.per_head else None
     rows = []
 
     def add(budget: float, method: str, schedule, heads: list[list[float]] | None = None) -> None:
@@ -137,12 +150,17 @@ def main(argv: list[str] | None = None) -> None:
         add(b, "uniform", at_budget("uniform", layers, b, prompt_tokens=args.context, model=info))
         mean_ratio = mean_ratio_at(b, args.context, base.sinks + base.window)
         filled = water_fill(curves, CURVE_GRID, mean_ratio, compressible)
-        add(b, "in-sample water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
+        add(b, fill, rescale_to_budget(base.with_ratios(filled), b, args.context))
         if head_curves is not None:
             h = len(head_curves[0])
             units = [c for c in compressible for _ in range(h)]
             flat = water_fill([c for hs in head_curves for c in hs], CURVE_GRID, mean_ratio, units)
-            add(b, "in-sample per-head water-fill", base, [flat[i * h : (i + 1) * h] for i in range(layers)])
+            add(
+                b,
+                fill.replace("water-fill", "per-head water-fill"),
+                base,
+                [flat[i * h : (i + 1) * h] for i in range(layers)],
+            )
     for path in args.schedules:
         schedule = load_schedule(path)
         kv = schedule.kv_fraction(args.context)
@@ -153,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
             add(kv, "uniform", at_budget("uniform", layers, kv, prompt_tokens=args.context, model=info))
         add(same[0]["budget"] if same else kv, path, schedule)
     rows.sort(key=lambda r: r["budget"])  # stable: each budget's uniform first
-    print(f"{len(windows)} windows of {args.context} + {args.continuation} tokens of {args.text}, evict mode")
+    print(f"{len(ev.examples)} windows of {args.context} + {args.continuation} tokens of {' '.join(args.text)}")
+    if args.curves_from:
+        print(f"curves measured on {len(measured.examples)} windows of {' '.join(args.curves_from)}")
     print("| KV fraction | method | KL | KL / uniform |\n|---|---|---|---|")
     for r in rows:
         uni = next(x["kl"] for x in rows if x["method"] == "uniform" and x["budget"] == r["budget"])
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         result = {
             "text": args.text,
+            "curves_from": args.curves_from or args.text,
             "grid": list(CURVE_GRID),
             "curves": curves,
             "head_curves": head_curves,
