@@ -121,9 +121,11 @@ def test_allocation_ceiling_curves_from_other_text(tiny_model_dir, shared_data, 
     other = shared_data / "wikitext2_raw_test" / "wiki.test.raw"
     argv = [str(scored), "--model", str(tiny_model_dir), "--budgets", "0.3", "--windows", "2", *WINDOWS]
     allocation_ceiling.main([*argv, "--out", str(tmp_path / "in.json")])
-    allocation_ceiling.main([*argv, "--curves-from", str(other), "--out", str(tmp_path / "out.json")])
+    more = ["--curves-from", str(other), "--curve-windows", "3"]
+    allocation_ceiling.main([*argv, *more, "--out", str(tmp_path / "out.json")])
     inside, outside = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("in", "out"))
     assert [r["method"] for r in outside["rows"]] == ["uniform", "water-fill"]
     assert outside["curves_from"] == [str(other)] and inside["curves_from"] == [str(scored)]
     assert outside["curves"] != inside["curves"]
+    assert (outside["windows"], outside["curve_windows"], inside["curve_windows"]) == (2, 3, 2)
     assert outside["rows"][0]["kl"] == pytest.approx(inside["rows"][0]["kl"])  # scored on the same windows

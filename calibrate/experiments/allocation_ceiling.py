@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     p.add_argument("--model")
     p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--curve-windows", type=int, help="windows of --curves-from to measure on (default: --windows)")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--per-head", action="store_true", help="also the per-KV-head ceiling (heads x the time)")
@@ -123,13 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     info = model_info(model)
     layers = info.num_layers
 
-    def evaluator_on(texts: list[str]) -> PerHead:
+    def evaluator_on(texts: list[str], count: int) -> PerHead:
         stream = data.token_stream(tok, data.load_texts(texts))
-        windows = data.cut_windows(stream, args.context + args.continuation, args.windows, seed=7)
+        windows = data.cut_windows(stream, args.context + args.continuation, count, seed=7)
         return PerHead(model, tasks.text_examples(windows, args.context))
 
-    ev = evaluator_on(args.text)
-    measured = evaluator_on(args.curves_from) if args.curves_from else ev
+    ev = evaluator_on(args.text, args.windows)
+    measured = evaluator_on(args.curves_from, args.curve_windows or args.windows) if args.curves_from else ev
     fill = "water-fill" if args.curves_from else "in-sample water-fill"
     base = at_budget("all_ones", layers, prompt_tokens=args.context, model=info)
     compressible = list(info.compressible)
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "text": args.text,
             "curves_from": args.curves_from or args.text,
+            "windows": len(ev.examples),
+            "curve_windows": len(measured.examples),
             "grid": list(CURVE_GRID),
             "curves": curves,
             "head_curves": head_curves,
