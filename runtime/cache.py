@@ -293,10 +293,12 @@ class PyramidLayer(DynamicLayer):
             k_max = min(k_max, schedule.decode.max_tokens)
         return k_max if self.stored() > k_max else None
 
-    def trim(self, scores: torch.Tensor, schedule: Schedule, seen_valid: torch.Tensor, k_max: int) -> None:
-        keep = selection.kept_counts(
-            self.ratio, seen_valid, schedule.sinks, schedule.window, schedule.decode.max_tokens
-        )
+    def trim(self, scores: torch.Tensor, schedule: Schedule, seen_valid: torch.Tensor, k_max: int, keep=None) -> None:
+        """Keep the k_max best slots per row (and head); `keep` [B] or [B, H] overrides the layer's own counts."""
+        if keep is None:
+            keep = selection.kept_counts(
+                self.ratio, seen_valid, schedule.sinks, schedule.window, schedule.decode.max_tokens
+            )
         if schedule.selection.per_head:
             valid = self.valid
         else:

@@ -104,7 +104,7 @@ def choose(
     """Indices (chronological) of the k_max best slots per row and head, and which of them are really kept.
 
     Rows (or heads) that keep fewer than k_max tokens mark their surplus slots invalid, so a batch stays
-    rectangular while every row keeps exactly its own count.
+    rectangular while every row and head keeps exactly its own count.
     """
     ranked = scores.float().masked_fill(protect, float("inf")).masked_fill(~valid, float("-inf"))
     k_max = min(k_max, ranked.shape[-1])

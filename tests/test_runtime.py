@@ -283,3 +283,18 @@ def test_forks_and_their_source_never_write_into_each_other():
         }
     for name, logits in got.items():
         torch.testing.assert_close(logits, expected[name], msg=name)
+
+
+def test_choose_keeps_each_heads_own_count():
+    """keep [B, H]: every head keeps its own count of its best slots; the surplus of the largest is invalid."""
+    from runtime import selection
+
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0]]])  # [B=1, H=2, T=5]
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    protect = torch.zeros_like(valid)
+    idx, kept = selection.choose(scores, valid, protect, torch.tensor([[1, 3]]), k_max=3)
+    chosen = [[int(i) for i, k in zip(row_i, row_k) if k] for row_i, row_k in zip(idx[0], kept[0])]
+    assert chosen == [[0], [2, 3, 4]]
+    # a [B] count is every head's count, as before
+    idx, kept = selection.choose(scores, valid, protect, torch.tensor([2]), k_max=2)
+    assert idx[0].tolist() == [[0, 2], [3, 4]] and bool(kept.all())

@@ -27,7 +27,6 @@ import sys
 
 import torch
 
-from runtime import selection
 from runtime.cache import PyramidCache
 from runtime.families import model_info
 from runtime.reference import at_budget, rescale_to_budget
@@ -49,8 +48,10 @@ def trim_heads(cache: PyramidCache, schedule: Schedule, heads: list[list[float]]
     """Cut each KV head h of layer l to `heads[l][h]` of the context, by the schedule's own scores.
 
     A layer's heads stay one rectangular tensor: a head that keeps fewer tokens than the layer's largest marks its
-    surplus slots invalid, which the masks then respect.
+    surplus slots invalid, which the masks then respect (also for one-token queries: `has_invalid`).
     """
+    if not schedule.selection.per_head or min(schedule.ratios) < 1.0:
+        raise ValueError("per-head shares need a schedule that keeps every token and selects per head")
     n = cache.seen_slots
     for layer, ratios in zip(cache.layers, heads, strict=True):
         if min(ratios) >= 1.0:
@@ -58,15 +59,14 @@ def trim_heads(cache: PyramidCache, schedule: Schedule, heads: list[list[float]]
         counts = [kept_tokens(r, n, schedule.sinks, schedule.window) for r in ratios]
         scores = layer.scores(schedule, layer.scaling)
         keep = torch.tensor(counts, device=scores.device).expand(scores.shape[0], -1)
-        protect = selection.protected_mask(layer.valid, schedule.sinks, schedule.window)
-        idx, kept = selection.choose(scores, layer.valid, protect, keep, max(counts))
-        layer.keep_only(idx, kept)
+        layer.trim(scores, schedule, None, max(counts), keep=keep)
         layer.has_invalid = True
 
 
-def head_kv_fraction(heads: list[list[float]], compressible: list[bool], schedule: Schedule, n: int) -> float:
-    kept = [kept_tokens(r, n, schedule.sinks, schedule.window) for hs, c in zip(heads, compressible) if c for r in hs]
-    return sum(kept) / (len(kept) * n)
+def head_kv_fraction(heads: list[list[float]], schedule: Schedule, n: int) -> float:
+    """Mean KV fraction over heads: each head index across the layers is a layer schedule of its own."""
+    h = len(heads[0])
+    return sum(schedule.with_ratios([hs[i] for hs in heads]).kv_fraction(n) for i in range(h)) / h
 
 
 class PerHead(evaluator.Evaluator):
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-head", action="store_true", help="also the per-KV-head ceiling (heads x the time)")
     p.add_argument("--out", help="also write the results as JSON")
     args = p.parse_args(argv)
+    if args.curve_windows and not args.curves_from:
+        p.error("--curve-windows applies to --curves-from text; without it the curves use --windows")
     check_out(args.out)
     model, tok = load_model(args.model)
     info = model_info(model)
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         if heads is None:
             kl, kv = ev.score(schedule).kl, schedule.kv_fraction(args.context)
         else:
-            kl, kv = ev.score_heads(schedule, heads).kl, head_kv_fraction(heads, compressible, schedule, args.context)
+            kl, kv = ev.score_heads(schedule, heads).kl, head_kv_fraction(heads, schedule, args.context)
         ratios = heads or list(schedule.ratios)
         rows.append({"budget": budget, "method": method, "kv_fraction": kv, "kl": kl, "ratios": ratios})
 
