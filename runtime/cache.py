@@ -293,12 +293,21 @@ class PyramidLayer(DynamicLayer):
             k_max = min(k_max, schedule.decode.max_tokens)
         return k_max if self.stored() > k_max else None
 
-    def trim(self, scores: torch.Tensor, schedule: Schedule, seen_valid: torch.Tensor, k_max: int, keep=None) -> None:
+    def trim(
+        self,
+        scores: torch.Tensor,
+        schedule: Schedule,
+        seen_valid: torch.Tensor | None,
+        k_max: int,
+        keep: torch.Tensor | None = None,
+    ) -> None:
         """Keep the k_max best slots per row (and head); `keep` [B] or [B, H] overrides the layer's own counts."""
         if keep is None:
             keep = selection.kept_counts(
                 self.ratio, seen_valid, schedule.sinks, schedule.window, schedule.decode.max_tokens
             )
+        elif keep.dim() > 1:  # heads below the largest count hold surplus slots: every mask must see validity
+            self.has_invalid = True
         if schedule.selection.per_head:
             valid = self.valid
         else:

@@ -91,6 +91,8 @@ def test_per_head_shares(tmp_path):
     allocation_ceiling.trim_heads(cache, base, [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]])
     counts = cache.layers[1].valid.sum(-1)
     assert counts.tolist() == [[kept_tokens(0.1, 128, base.sinks, base.window), 128]] * 2
+    # so its masks are built even for one-token queries; the untouched layers keep the mask-free fast path
+    assert cache.layers[1].has_invalid and not cache.layers[0].has_invalid
     mixed = ev.score_heads(base, [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]])
     assert 0 < mixed.kl != pytest.approx(heads.kl)
     shares = [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]]

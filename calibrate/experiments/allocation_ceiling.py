@@ -39,8 +39,7 @@ from ..pipeline import Progress
 from ..profile import GRID, single_layer_kl
 from . import check_out
 
-# 0.75 too, whatever the profile's grid: at 0.5 budget the upper half of the curve matters
-CURVE_GRID = tuple(sorted({*GRID, 0.75}))
+CURVE_GRID = (*GRID, 0.75)  # one more point: at 0.5 budget the upper half of the curve matters
 SAME_BUDGET = 1e-3
 
 
@@ -48,7 +47,7 @@ def trim_heads(cache: PyramidCache, schedule: Schedule, heads: list[list[float]]
     """Cut each KV head h of layer l to `heads[l][h]` of the context, by the schedule's own scores.
 
     A layer's heads stay one rectangular tensor: a head that keeps fewer tokens than the layer's largest marks its
-    surplus slots invalid, which the masks then respect (also for one-token queries: `has_invalid`).
+    surplus slots invalid, which the masks then respect.
     """
     if not schedule.selection.per_head or min(schedule.ratios) < 1.0:
         raise ValueError("per-head shares need a schedule that keeps every token and selects per head")
@@ -60,7 +59,6 @@ def trim_heads(cache: PyramidCache, schedule: Schedule, heads: list[list[float]]
         scores = layer.scores(schedule, layer.scaling)
         keep = torch.tensor(counts, device=scores.device).expand(scores.shape[0], -1)
         layer.trim(scores, schedule, None, max(counts), keep=keep)
-        layer.has_invalid = True
 
 
 def head_kv_fraction(heads: list[list[float]], schedule: Schedule, n: int) -> float:
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ev = evaluator_on(args.text, args.windows)
     measured = evaluator_on(args.curves_from, args.curve_windows or args.windows) if args.curves_from else ev
-    fill = "water-fill" if args.curves_from else "in-sample water-fill"
+    sample = "" if args.curves_from else "in-sample "  # in the method names
     base = at_budget("all_ones", layers, prompt_tokens=args.context, model=info)
     compressible = list(info.compressible)
     progress = Progress()
@@ -153,17 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         add(b, "uniform", at_budget("uniform", layers, b, prompt_tokens=args.context, model=info))
         mean_ratio = mean_ratio_at(b, args.context, base.sinks + base.window)
         filled = water_fill(curves, CURVE_GRID, mean_ratio, compressible)
-        add(b, fill, rescale_to_budget(base.with_ratios(filled), b, args.context))
+        add(b, f"{sample}water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
         if head_curves is not None:
             h = len(head_curves[0])
             units = [c for c in compressible for _ in range(h)]
             flat = water_fill([c for hs in head_curves for c in hs], CURVE_GRID, mean_ratio, units)
-            add(
-                b,
-                fill.replace("water-fill", "per-head water-fill"),
-                base,
-                [flat[i * h : (i + 1) * h] for i in range(layers)],
-            )
+            add(b, f"{sample}per-head water-fill", base, [flat[i * h : (i + 1) * h] for i in range(layers)])
     for path in args.schedules:
         schedule = load_schedule(path)
         kv = schedule.kv_fraction(args.context)
