@@ -137,3 +137,25 @@ def test_curve_windows_needs_curves_from(capsys):
     with pytest.raises(SystemExit):
         allocation_ceiling.main(["text.txt", "--curve-windows", "3", "--model", "no-such-model"])
     assert "--curve-windows applies to --curves-from" in capsys.readouterr().err
+
+
+def test_cuda_check_runs_its_parts_and_records_them(tiny_model_dir, shared_data, tmp_path, monkeypatch, capsys):
+    """The GPU check, tried on CPU (--device cpu): the device comparison is then CPU against CPU, so it must agree
+    exactly; the all-ones schedule must equal stock; the bench part runs and records a smaller KV cache."""
+    from calibrate.experiments import cuda_check
+
+    monkeypatch.setattr(cuda_check, "BENCHES", (("schedule", "float32", 2, 128),))
+    out = tmp_path / "check.json"
+    text = shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+    argv = ["--model", str(tiny_model_dir), "--random-init", "--schedule", "pyramidkv:0.3", "--data", str(text)]
+    cuda_check.main(
+        [*argv, "--device", "cpu", "--prompt-tokens", "96", "--new-tokens", "6", "--repeats", "1", "--out", str(out)]
+    )
+    got = json.loads(out.read_text())
+    assert got["ones_equal_stock_float32"]["equal"] and got["ones_equal_stock_bfloat16"]["equal"]
+    agree = got["cpu_agreement_float32"]
+    assert agree["kept_overlap_min"] == 1.0 and agree["first_logits_max_abs_diff"] == 0.0
+    assert agree["tokens_equal_before_first_difference"] == [3, 3, 3, 3]
+    (bench,) = got["bench"]
+    assert bench["ratios"]["kv_bytes_prefill"] < 0.6 and bench["prefill_mode"] == "evict"
+    assert "all-ones vs stock, bfloat16, cpu: 0 of 24 tokens differ" in capsys.readouterr().out
