@@ -6,6 +6,8 @@
 - Output sensitivity: the KL against the full cache when only one layer is compressed, at the same grid, per kind
   of example (natural text, retrieval tasks). This is the signal the allocation uses: attention recall is a poor
   proxy for what the output needs.
+- Per-head sensitivity (models with several KV heads): the same when only one KV head of one layer is
+  compressed. Within a layer the heads matter very differently, so shares per head spend memory where it counts.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Profile:
     meta: dict[str, Any] = field(default_factory=dict)
     parts: torch.Tensor | None = None  # [K, L, G] the same per kind of example; None in profiles made before
     part_names: list[str] = field(default_factory=list)
+    head_parts: torch.Tensor | None = None  # [K, L, H, G] KL when only one KV head is compressed; None: not measured
 
     @property
     def num_layers(self) -> int:
@@ -89,25 +92,43 @@ class Profile:
             return self.sensitivity.tolist()
         return equal_weight(self.parts.tolist(), self.compressible)
 
-    def predicted_kl(self, ratios: Sequence[float]) -> float:
-        """Sum of the single-layer KLs at these ratios (piecewise linear in the grid, 0 at ratio 1).
+    def head_allocation_curves(self) -> list[list[list[float]]]:
+        """[L][H][G]: the per-head curves a budget is water-filled on, kinds weighed as in `allocation_curves`."""
+        k, layers, heads, g = self.head_parts.shape
+        units = self.head_parts.reshape(k, layers * heads, g).tolist()
+        flat = equal_weight(units, [c for c in self.compressible for _ in range(heads)])
+        return [flat[i * heads : (i + 1) * heads] for i in range(layers)]
+
+    def predicted_kl(self, ratios: Sequence[float], head_ratios: Sequence[Sequence[float]] | None = None) -> float:
+        """Sum of the single-layer (or, given `head_ratios`, single-head) KLs at these shares (piecewise linear
+        in the grid, 0 at ratio 1).
 
         Comparing it with the measured KL of the whole schedule tells whether per-layer errors add up.
         """
-        total = 0.0
-        for layer, r in enumerate(ratios):
-            if not self.compressible[layer] or r >= 1.0:
-                continue
-            xs = [*self.grid, 1.0]
-            ys = [*self.sensitivity[layer].tolist(), 0.0]
-            if r <= xs[0]:
-                total += ys[0]
-                continue
-            for (x1, y1), (x2, y2) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=True):
-                if x1 <= r <= x2:
-                    total += y1 + (y2 - y1) * (r - x1) / (x2 - x1)
-                    break
-        return total
+        if head_ratios is not None and self.head_parts is not None:
+            curves = self.head_parts.mean(0)
+            return sum(
+                self._interpolate(curves[layer, h].tolist(), r)
+                for layer, row in enumerate(head_ratios)
+                if self.compressible[layer]
+                for h, r in enumerate(row)
+            )
+        return sum(
+            self._interpolate(self.sensitivity[layer].tolist(), r)
+            for layer, r in enumerate(ratios)
+            if self.compressible[layer]
+        )
+
+    def _interpolate(self, curve: list[float], r: float) -> float:
+        if r >= 1.0:
+            return 0.0
+        xs, ys = [*self.grid, 1.0], [*curve, 0.0]
+        if r <= xs[0]:
+            return ys[0]
+        for (x1, y1), (x2, y2) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=True):
+            if x1 <= r <= x2:
+                return y1 + (y2 - y1) * (r - x1) / (x2 - x1)
+        return 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -121,6 +142,7 @@ class Profile:
             "sensitivity_by_kind": dict(zip(self.part_names, self.parts.tolist(), strict=True))
             if self.parts is not None
             else {},
+            "head_sensitivity": self.head_parts.mean(0).tolist() if self.head_parts is not None else None,
             "recall": self.recall.tolist(),
             "overlap": self.overlap.tolist(),
             "window_recall": self.window_recall.tolist(),
@@ -136,6 +158,8 @@ class Profile:
         tensors = {k: getattr(self, k).contiguous() for k in ("recall", "overlap", "window_recall", "sensitivity")}
         if self.parts is not None:
             tensors["sensitivity_parts"] = self.parts.contiguous()
+        if self.head_parts is not None:
+            tensors["head_sensitivity_parts"] = self.head_parts.contiguous()
         save_file(tensors, str(tmp), metadata={"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)})
         umask = os.umask(0)
         os.umask(umask)
@@ -162,6 +186,7 @@ class Profile:
             meta=summary.get("meta", {}),
             parts=t.get("sensitivity_parts"),
             part_names=list(summary.get("sensitivity_by_kind", {})),
+            head_parts=t.get("head_sensitivity_parts"),
         )
 
     def table(self) -> str:
@@ -238,11 +263,14 @@ def measure(
     windows: tuple[int, ...] = WINDOWS,
     progress: Callable[[str, int, int], None] | None = None,
     also: Sequence[Evaluator] = (),
+    per_head: bool = False,
 ) -> Profile:
-    """Recall curves on the evaluator's examples, then single-layer sensitivity curves.
+    """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
+    sensitivity curves.
 
     Sensitivity is measured on `evaluator` and on each of the `also` evaluators (e.g. retrieval tasks) and kept
     per evaluator (`parts`, named by the kind of their examples); `sensitivity` is their mean KL per token.
+    Per-head curves are measured only where a layer has more than one KV head.
     """
     selection = selection or Selection()
     layers = evaluator.layers
@@ -291,6 +319,10 @@ def measure(
     base = Schedule(ratios=[1.0] * layers, window=window, sinks=sinks, selection=selection)
     evaluators = [evaluator, *also]
     parts = single_layer_kl(evaluators, base, compressible, grid, progress)
+    kv_heads = runtime.families.model_info(model).num_kv_heads
+    head_parts = None
+    if per_head and kv_heads > 1:
+        head_parts = single_layer_kl(evaluators, base, compressible, grid, progress, heads=kv_heads)
     return Profile(
         grid=grid,
         windows=windows,
@@ -302,6 +334,7 @@ def measure(
         meta={"sinks": sinks, "window": window, "selection": selection.__dict__, "examples": len(evaluator.examples)},
         parts=parts,
         part_names=[ev.examples[0].kind for ev in evaluators],
+        head_parts=head_parts,
     )
 
 
@@ -311,22 +344,29 @@ def single_layer_kl(
     compressible: Sequence[bool],
     grid: Sequence[float],
     progress: Callable[[str, int, int], None] | None = None,
+    heads: int | None = None,
 ) -> torch.Tensor:
-    """[K, L, G]: per evaluator, the KL per token when only layer l keeps grid[g] of its context (base elsewhere)."""
+    """[K, L, G]: per evaluator, the KL per token when only layer l keeps grid[g] of its context (base elsewhere,
+    which must keep every token); with `heads`, [K, L, H, G]: only KV head h of layer l is compressed."""
     layers = len(compressible)
-    out = torch.zeros(len(evaluators), layers, len(grid))
-    total = sum(compressible) * len(grid)
-    done = 0
-    for layer in range(layers):
-        if not compressible[layer]:
-            continue
+    units = [(layer, h) for layer in range(layers) if compressible[layer] for h in (range(heads) if heads else [0])]
+    out = torch.zeros(len(evaluators), layers, heads or 1, len(grid))
+    phase = "head sensitivity" if heads else "layer sensitivity"
+    for done, (layer, h) in enumerate(units, 1):
         for gi, ratio in enumerate(grid):
-            ratios = list(base.ratios)
-            ratios[layer] = ratio
-            sched = base.with_ratios(ratios)
             for k, ev in enumerate(evaluators):
-                out[k, layer, gi] = ev.score(sched).kl
-            done += 1
-            if progress:
-                progress("layer sensitivity", done, total)
-    return out
+                out[k, layer, h, gi] = ev.score(_one_part_compressed(base, layer, h, ratio, heads)).kl
+        if progress:
+            progress(phase, done, len(units))
+    return out if heads else out[:, :, 0]
+
+
+def _one_part_compressed(base: Schedule, layer: int, head: int, ratio: float, heads: int | None) -> Schedule:
+    ratios = list(base.ratios)
+    if not heads:
+        ratios[layer] = ratio
+        return base.with_ratios(ratios)
+    shares = [[1.0] * heads for _ in ratios]
+    shares[layer][head] = ratio
+    ratios[layer] = sum(shares[layer]) / heads
+    return base.with_ratios(ratios, head_ratios=shares)

@@ -24,6 +24,8 @@ from .profile import Profile
 
 REFERENCES = ("uniform", "pyramidkv", "pyramidinfer")
 SHAPES = ("sensitivity", *REFERENCES, "linear", "exponential")
+HEADS = "heads"  # water-filled over KV heads: offered where the profile has per-head curves
+ALLOCATIONS = ("sensitivity", HEADS)  # shapes built by water-filling (knobs: exponent, mix)
 WINDOWS = (16, 32, 64)
 ACCURACY_WEIGHT = 0.5  # objective = KL + weight * (retrieval accuracy lost against the full cache)
 
@@ -64,6 +66,10 @@ class Space:
     windows: Sequence[int] = WINDOWS
     default_window: int = 32
 
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return (*SHAPES, HEADS) if self.profile.head_parts is not None else SHAPES
+
     def mean_ratio(self, window: int) -> float:
         """The mean ratio that meets the budget (ignoring rounding; the final rescale makes it exact)."""
         return mean_ratio_at(self.budget, self.context_length, self.sinks + window)
@@ -90,7 +96,33 @@ class Space:
             return [math.exp(3 * slope * (xi - 0.5)) for xi in x]
         raise ValueError(f"unknown shape {kind!r}")
 
+    def head_shares(self, window: int, params: dict[str, float]) -> list[list[float]]:
+        """[L][H] shares water-filled over every KV head of every layer, at the budget's mean ratio."""
+        curves = self.profile.head_allocation_curves()
+        heads = len(curves[0])
+        mean = self.mean_ratio(window)
+        filled = water_fill(
+            [c for row in curves for c in row],
+            self.profile.grid,
+            mean,
+            [c for c in self.profile.compressible for _ in range(heads)],
+            exponent=params.get("exponent", 1.0),
+        )
+        filled = blend(filled, [mean] * len(filled), params.get("mix", 0.0))
+        return [[min(1.0, max(r, 1e-3)) for r in filled[i : i + heads]] for i in range(0, len(filled), heads)]
+
     def build(self, kind: str, window: int, params: dict[str, float], selection: Selection) -> Schedule:
+        if kind == HEADS:  # per-head shares need per-head selection, whatever the trial chose
+            shares = self.head_shares(window, params)
+            base = Schedule(
+                ratios=[sum(row) / len(row) for row in shares],
+                head_ratios=shares,
+                window=window,
+                sinks=self.sinks,
+                selection=dataclasses.replace(selection, per_head=True),
+                model=self.model,
+            )
+            return rescale_to_budget(base, self.budget, self.context_length)
         shape = [max(r, 1e-3) for r in self.shape(kind, window, params)]
         base = Schedule(
             ratios=[min(1.0, r) for r in shape],
@@ -104,9 +136,9 @@ class Space:
 
 def suggest(trial: optuna.Trial, space: Space) -> Schedule:
     """The search space: shape family with its knob, recent window, and token-selection settings."""
-    kind = trial.suggest_categorical("shape", SHAPES)
+    kind = trial.suggest_categorical("shape", space.shapes)
     params: dict[str, float] = {}
-    if kind == "sensitivity":
+    if kind in ALLOCATIONS:
         params["exponent"] = trial.suggest_float("exponent", 0.5, 2.0, log=True)
         params["mix"] = trial.suggest_float("mix", 0.0, 0.6)
     elif kind in ("linear", "exponential"):
@@ -134,7 +166,7 @@ def baseline_params(kind: str, window: int) -> dict[str, Any]:
         "per_head": sel.per_head,
         "query_weighting": sel.query_weighting,
     }
-    if kind == "sensitivity":
+    if kind in ALLOCATIONS:
         params.update(exponent=1.0, mix=0.0)
     return params
 
@@ -154,9 +186,12 @@ def create_study(storage: str | None, study_name: str, seed: int, multi: bool = 
     return optuna.create_study(**kwargs)
 
 
-def enqueue_baselines(study: optuna.Study, window: int, extra: dict[str, Any] | None = None) -> None:
-    """Enqueue the reference and sensitivity trials once per study (a resumed study already has them)."""
-    for kind in (*REFERENCES, "sensitivity"):
+def enqueue_baselines(
+    study: optuna.Study, window: int, extra: dict[str, Any] | None = None, heads: bool = False
+) -> None:
+    """Enqueue the reference and sensitivity trials (and the per-head allocation, where the profile has per-head
+    curves) once per study (a resumed study already has them)."""
+    for kind in (*REFERENCES, *ALLOCATIONS[: 2 if heads else 1]):
         study.enqueue_trial({**baseline_params(kind, window), **(extra or {})}, skip_if_exists=True)
 
 
@@ -203,12 +238,12 @@ def baseline_results(study: optuna.Study, budget: float | None = None) -> dict[s
         if budget is not None and t.params.get("budget") != budget:
             continue
         kind = t.params.get("shape")
-        if kind in out or kind not in (*REFERENCES, "sensitivity"):
+        if kind in out or kind not in (*REFERENCES, *ALLOCATIONS):
             continue
         if (
             t.params.get("pooling") != default.pooling
             or t.params.get("per_head") != default.per_head
-            or (kind == "sensitivity" and (t.params.get("exponent") != 1.0 or t.params.get("mix") != 0.0))
+            or (kind in ALLOCATIONS and (t.params.get("exponent") != 1.0 or t.params.get("mix") != 0.0))
         ):
             continue
         out[kind] = {"objective": t.values[-1], **{k: v for k, v in t.user_attrs.items() if isinstance(v, float)}}

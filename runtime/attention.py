@@ -40,11 +40,16 @@ def _make(base):
         if found is None:  # no cache in this call: plain causal attention
             return base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         cache, layer_idx = found
-        layer = cache.layers[layer_idx]
-        mask = layer.attention_mask(cache.step, query.shape[1])
-        out, weights = base(module, query, key, value, mask, scaling=scaling, is_causal=mask is None, **kwargs)
+        outs = []
+        # one part for a plain layer; one per KV head (with its query group) where heads keep different shares
+        for unit, q in cache.layers[layer_idx].parts(query):
+            mask = unit.attention_mask(cache.step, q.shape[1])
+            causal = mask is None
+            outs.append(base(module, q, unit.keys, unit.values, mask, scaling=scaling, is_causal=causal, **kwargs))
         cache.after_attention(layer_idx, query, scaling)
-        return out, weights
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o for o, _ in outs], dim=2), None  # [B, q, Hq, D]; heads' weights differ in length
 
     return attention
 

@@ -109,6 +109,19 @@ class PyramidLayer(DynamicLayer):
         self.has_invalid = False
         self.shared_slots = True  # every head holds the same tokens (no per-head selection happened yet)
 
+    @property
+    def top_ratio(self) -> float:
+        """The largest share any head keeps: what drop mode must let through to this layer."""
+        return self.ratio
+
+    def units(self) -> list[PyramidLayer]:
+        """The parts that keep their own tokens: the layer itself (a `RaggedLayer`: one per KV head)."""
+        return [self]
+
+    def parts(self, query: torch.Tensor) -> list[tuple[PyramidLayer, torch.Tensor]]:
+        """Each unit with the queries [B, Hq', q, D] that attend to it."""
+        return [(self, query)]
+
     # the most recent queries, to score keys when the layer is trimmed during decoding
     @property
     def q_buf(self) -> torch.Tensor | None:
@@ -317,15 +330,117 @@ class PyramidLayer(DynamicLayer):
         self.keep_only(idx, kept)
 
 
+class RaggedLayer(DynamicLayer):
+    """A layer whose KV heads keep different shares: one single-head `PyramidLayer` per KV head.
+
+    In one [B, H, T, D] tensor a head that keeps fewer tokens than its neighbours could only mask its surplus
+    slots, which would still take memory; split into heads, each holds exactly its own tokens, and attention runs
+    once per KV head with that head's group of queries.
+    """
+
+    is_sliding = False
+    compressible = plan_compressible = True
+
+    def __init__(self, heads: list[PyramidLayer]):
+        super().__init__()
+        self.heads = heads
+        self.ratio = sum(h.ratio for h in heads) / len(heads)
+        self.sliding_window = heads[0].sliding_window
+        self.scaling: float | None = heads[0].scaling
+
+    @classmethod
+    def new(cls, ratios: list[float], sliding_window: int | None, query_window: int, spare: int) -> RaggedLayer:
+        return cls([PyramidLayer(r, True, sliding_window, query_window, spare) for r in ratios])
+
+    @classmethod
+    def split(cls, layer: PyramidLayer, ratios: list[float]) -> RaggedLayer:
+        """Views of each KV head of a filled `layer` (copies nothing), each to keep its own share."""
+        if not layer.shared_slots:
+            raise ValueError("only a layer whose heads hold the same tokens can be split by head")
+        group = layer.q_buf.shape[1] // len(ratios) if layer.q_buf is not None else 0
+        heads = []
+        for h, r in enumerate(ratios):
+            head = copy.copy(layer)
+            head.__dict__.update(ratio=r, compressible=r < 1.0)
+            head.keys, head.values = layer.keys[:, h : h + 1], layer.values[:, h : h + 1]
+            head.pos, head.valid = layer.pos[:, h : h + 1], layer.valid[:, h : h + 1]
+            head.q_buf = None if layer.q_buf is None else layer.q_buf[:, h * group : (h + 1) * group]
+            head.q_buf_pos, head.q_buf_valid = layer.q_buf_pos, layer.q_buf_valid
+            heads.append(head)
+        ragged = cls(heads)
+        ragged.is_initialized, ragged.device = True, layer.device
+        return ragged
+
+    @property
+    def top_ratio(self) -> float:
+        return max(h.ratio for h in self.heads)
+
+    @property
+    def has_invalid(self) -> bool:
+        return any(h.has_invalid for h in self.heads)
+
+    def units(self) -> list[PyramidLayer]:
+        return self.heads
+
+    def parts(self, query: torch.Tensor) -> list[tuple[PyramidLayer, torch.Tensor]]:
+        g = query.shape[1] // len(self.heads)
+        return [(head, query[:, i * g : (i + 1) * g]) for i, head in enumerate(self.heads)]
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step) -> None:
+        self.is_initialized, self.device = True, key_states.device
+        for i, head in enumerate(self.heads):
+            head.append(key_states[:, i : i + 1], value_states[:, i : i + 1], step)
+
+    def stored(self) -> int:
+        return max(h.stored() for h in self.heads)
+
+    get_seq_length = stored
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored() + query_length, 0
+
+    def kv_nbytes(self) -> int:
+        return sum(h.kv_nbytes() for h in self.heads)
+
+    def bookkeeping_nbytes(self) -> int:
+        return sum(h.bookkeeping_nbytes() for h in self.heads)
+
+    def reset(self) -> None:
+        super().reset()
+        for h in self.heads:
+            h.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for h in self.heads:
+            h.reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for h in self.heads:
+            h.batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for h in self.heads:
+            h.batch_repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped back to an earlier length")
+
+
+AnyLayer = PyramidLayer | RaggedLayer
+
+
 class PyramidCache(Cache):
     """The KV cache used under `runtime.apply`: one `PyramidLayer` per decoder layer."""
 
     def __init__(self, schedule: Schedule, plan: list[tuple[bool, int | None]]):
         """`plan` holds, per layer, whether it may be compressed and its sliding window (or None)."""
-        layers = [
-            PyramidLayer(r, c, w, schedule.window, schedule.decode.interval)
-            for r, (c, w) in zip(schedule.ratios, plan, strict=True)
-        ]
+        layers: list[AnyLayer] = []
+        for i, (r, (c, w)) in enumerate(zip(schedule.ratios, plan, strict=True)):
+            heads = schedule.layer_head_ratios(i)
+            if c and heads is not None:
+                layers.append(RaggedLayer.new(heads, w, schedule.window, schedule.decode.interval))
+            else:
+                layers.append(PyramidLayer(r, c, w, schedule.window, schedule.decode.interval))
         super().__init__(layers=layers)
         self.schedule = schedule
         self.seen_slots = 0  # positions fed so far, pads included: what generate slices its input by
@@ -334,7 +449,7 @@ class PyramidCache(Cache):
         self.since_trim = 0
         # drop mode: after layer l only the tokens some deeper layer may keep go on; its largest share decides
         # (uncompressed full-attention layers need every token; sliding layers make do with what they get)
-        need = [lay.ratio if lay.compressible else (None if lay.is_sliding else 1.0) for lay in self.layers]
+        need = [lay.top_ratio if lay.compressible else (None if lay.is_sliding else 1.0) for lay in self.layers]
         self.forward_ratio = []
         for i in range(len(need)):
             deeper = [r for r in need[i + 1 :] if r is not None]
@@ -375,21 +490,27 @@ class PyramidCache(Cache):
         if kwargs is not None:
             # the attention function receives this same dict: it is how it finds the layer and the step
             kwargs["pyramid"] = (self, layer_idx)
+        if isinstance(layer, RaggedLayer):  # the attention function reads each head's own buffers
+            return key_states, value_states
         return layer.keys, layer.values
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Remember the recent queries, then trim the layer (and, in drop mode, plan what goes on)."""
         layer, step, schedule = self.layers[layer_idx], self.step, self.schedule
         layer.scaling = scaling
-        layer.remember_queries(query, step)
-        k_max = layer.due(schedule, self.seen_slots, step.trim_now)
+        parts = layer.parts(query)
+        for unit, q in parts:
+            unit.scaling = scaling
+            unit.remember_queries(q, step)
+        due = [unit.due(schedule, self.seen_slots, step.trim_now) for unit, _ in parts]
         m_max = self._forward_due(layer_idx)
-        if k_max is not None or m_max is not None:
-            scores = layer.scores(schedule, scaling)
-            if m_max is not None:  # scored over all of this pass's tokens, before the layer is cut
-                self._plan_forward(layer_idx, scores.mean(1, keepdim=True), m_max)
-            if k_max is not None:
-                layer.trim(scores, schedule, self.seen_valid.to(layer.device), k_max)
+        if m_max is not None or any(k is not None for k in due):
+            scores = [unit.scores(schedule, scaling) for unit, _ in parts]
+            if m_max is not None:  # scored over all of this pass's tokens (every head holds them), before any cut
+                self._plan_forward(layer_idx, torch.cat(scores, 1).mean(1, keepdim=True), m_max)
+            for (unit, _), s, k_max in zip(parts, scores, due, strict=True):
+                if k_max is not None:
+                    unit.trim(s, schedule, self.seen_valid.to(unit.device), k_max)
         if layer.is_sliding:
             layer.trim_window()
 
@@ -437,6 +558,8 @@ class PyramidCache(Cache):
         Calibration prefills once with an all-ones schedule and a wide query window, then forks that cache for
         every candidate schedule and calls `compress_now`: evict mode needs no second prefill.
         """
+        if any(isinstance(layer, RaggedLayer) for layer in self.layers):
+            raise ValueError("fork a cache prefilled without per-head shares (e.g. under the all-ones schedule)")
         other = PyramidCache.__new__(PyramidCache)
         Cache.__init__(other, layers=[copy.copy(layer) for layer in self.layers])
         other.schedule = schedule
@@ -451,14 +574,18 @@ class PyramidCache(Cache):
             # into storage that this cache (or another fork) still uses
             layer.keys, layer.values, layer.pos, layer.valid = layer.keys, layer.values, layer.pos, layer.valid
             layer.q_buf, layer.q_buf_pos, layer.q_buf_valid = layer.q_buf, layer.q_buf_pos, layer.q_buf_valid
+        for i, layer in enumerate(other.layers):
+            heads = schedule.layer_head_ratios(i)
+            if heads is not None and layer.compressible:
+                other.layers[i] = RaggedLayer.split(layer, heads)
         return other
 
     def compress_now(self) -> None:
         """Trim every layer to its share of the tokens seen so far, as right after a prefill."""
-        for layer in self.layers:
-            k_max = layer.due(self.schedule, self.seen_slots, trim_now=True)
+        for unit in (u for layer in self.layers for u in layer.units()):
+            k_max = unit.due(self.schedule, self.seen_slots, trim_now=True)
             if k_max is not None:
-                layer.trim(layer.scores(self.schedule, layer.scaling), self.schedule, self.seen_valid, k_max)
+                unit.trim(unit.scores(self.schedule, unit.scaling), self.schedule, self.seen_valid, k_max)
 
     def stored_lengths(self) -> list[int]:
         return [layer.stored() for layer in self.layers]
@@ -468,7 +595,7 @@ def kv_bytes(cache: Cache) -> int:
     """Bytes the cache really holds in keys and values, spare room included (any transformers Cache)."""
     total = 0
     for layer in getattr(cache, "layers", []):
-        if isinstance(layer, PyramidLayer):
+        if isinstance(layer, (PyramidLayer, RaggedLayer)):
             total += layer.kv_nbytes()
             continue
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -479,5 +606,6 @@ def kv_bytes(cache: Cache) -> int:
 
 def cache_bytes(cache: Cache) -> int:
     """All bytes the cache holds: keys, values and our per-slot bookkeeping (positions, validity, recent queries)."""
-    extra = sum(layer.bookkeeping_nbytes() for layer in getattr(cache, "layers", []) if isinstance(layer, PyramidLayer))
+    layers = getattr(cache, "layers", [])
+    extra = sum(layer.bookkeeping_nbytes() for layer in layers if isinstance(layer, (PyramidLayer, RaggedLayer)))
     return kv_bytes(cache) + extra

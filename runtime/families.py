@@ -76,6 +76,12 @@ def check_schedule_fits(model: nn.Module, schedule) -> None:
             f"schedule has {schedule.num_layers} layer ratios but the model has {n} layers; "
             "use a schedule calibrated for this model (calibrate run --model ...)"
         )
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if schedule.head_ratios is not None and len(schedule.head_ratios[0]) != kv_heads:
+        raise ScheduleError(
+            f"schedule has {len(schedule.head_ratios[0])} head shares per layer but the model has {kv_heads} KV "
+            "heads; use a schedule calibrated for this model (calibrate run --model ...)"
+        )
     m = schedule.model
     if m is not None and m.fingerprint != config_fingerprint(cfg):
         raise ScheduleError(

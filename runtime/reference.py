@@ -210,6 +210,8 @@ def rescale_to_budget(
         top = max(shape)
         extra = {k: v for k, v in (("sinks", sinks), ("window", window)) if v is not None}
         base = Schedule(ratios=[r / top for r in shape], **extra, **kw)
+    if base.head_ratios is not None:
+        return _rescale_heads(base, b, n)
     shape = list(base.ratios)
     factor, ratios = _solve(
         lambda f: [min(1.0, f * r) for r in shape],
@@ -222,6 +224,26 @@ def rescale_to_budget(
     )
     provenance = {**base.provenance, "budget": b, "prompt_tokens": n, "scale": factor}
     return base.with_ratios(ratios, budget=b, context_length=n, provenance=provenance)
+
+
+def _rescale_heads(base: Schedule, b: float, n: int) -> Schedule:
+    """Per-head shares scaled by one factor: every KV head counts as a layer of its own in the KV fraction (each
+    layer has the same number of heads, so the mean over heads and layers is the schedule's fraction)."""
+    h = len(base.head_ratios[0])
+    units = [r for row in base.head_ratios for r in row]
+    factor, flat = _solve(
+        lambda f: [min(1.0, f * r) for r in units],
+        1.0 / min(units),
+        b,
+        n,
+        base.sinks,
+        base.window,
+        [c for c in base.compressible() for _ in range(h)],
+    )
+    heads = [flat[i : i + h] for i in range(0, len(flat), h)]
+    provenance = {**base.provenance, "budget": b, "prompt_tokens": n, "scale": factor}
+    ratios = [sum(row) / h for row in heads]
+    return base.with_ratios(ratios, head_ratios=heads, budget=b, context_length=n, provenance=provenance)
 
 
 def at_budget(

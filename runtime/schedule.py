@@ -70,6 +70,8 @@ class Schedule:
     """Per-layer retention ratios and how to apply them.
 
     `ratios[l]` is the share of the context (the prompt minus sinks and recent window) that layer l keeps.
+    `head_ratios[l][h]`, if given, is the share that KV head h of layer l keeps (per-head selection only); then
+    `ratios[l]` is the mean over the layer's heads, and the layer holds exactly each head's own tokens.
     """
 
     ratios: list[float]
@@ -84,9 +86,13 @@ class Schedule:
     name: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    head_ratios: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         self.ratios = [float(r) for r in self.ratios]
+        if self.head_ratios is not None:
+            _check_head_ratios_shape(self.head_ratios)
+            self.head_ratios = [[float(r) for r in row] for row in self.head_ratios]
         validate(self)
 
     @property
@@ -98,21 +104,35 @@ class Schedule:
             return list(self.model.compressible)
         return [True] * self.num_layers
 
+    def layer_head_ratios(self, layer: int) -> list[float] | None:
+        """The per-head shares of `layer` where its heads keep different shares, else None."""
+        row = self.head_ratios[layer] if self.head_ratios is not None else None
+        return row if row is not None and len(set(row)) > 1 else None
+
+    def mean_kept_tokens(self, prompt_tokens: int) -> list[float]:
+        """Tokens each layer holds after prefilling `prompt_tokens` tokens (mean over its heads)."""
+        kept = []
+        for i, (r, c) in enumerate(zip(self.ratios, self.compressible(), strict=True)):
+            shares = (self.layer_head_ratios(i) or [r]) if c else []
+            k = [kept_tokens(x, prompt_tokens, self.sinks, self.window) for x in shares]
+            kept.append(sum(k) / len(k) if k else prompt_tokens)
+        return kept
+
     def kept_tokens(self, prompt_tokens: int) -> list[int]:
-        """Tokens each layer holds after prefilling `prompt_tokens` tokens."""
-        return [
-            kept_tokens(r, prompt_tokens, self.sinks, self.window) if c else prompt_tokens
-            for r, c in zip(self.ratios, self.compressible(), strict=True)
-        ]
+        """Tokens each layer holds after prefilling `prompt_tokens` tokens (per-head layers: the mean, rounded)."""
+        return [round(k) for k in self.mean_kept_tokens(prompt_tokens)]
 
     def kv_fraction(self, prompt_tokens: int | None = None) -> float:
         """Mean KV memory of the compressible layers relative to the full cache, after prefill."""
         n = prompt_tokens or self.context_length
-        kept = [k for k, c in zip(self.kept_tokens(n), self.compressible(), strict=True) if c]
+        kept = [k for k, c in zip(self.mean_kept_tokens(n), self.compressible(), strict=True) if c]
         return sum(kept) / (len(kept) * n) if kept else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["head_ratios"] is None:  # per-layer schedules read as before, also by older versions
+            del d["head_ratios"]
+        return d
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the schedule as JSON, atomically: a reader never sees a half-written file."""
@@ -120,6 +140,8 @@ class Schedule:
         return write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def with_ratios(self, ratios: list[float], **changes: Any) -> Schedule:
+        if [float(r) for r in ratios] != self.ratios:
+            changes.setdefault("head_ratios", None)  # new layer shares: the old per-head split no longer applies
         changes.setdefault("selection", dataclasses.replace(self.selection))
         changes.setdefault("decode", dataclasses.replace(self.decode))
         changes.setdefault("provenance", dict(self.provenance))
@@ -213,6 +235,8 @@ def validate(s: Schedule) -> None:
             f"{cap!r} is below sinks + window + 1 = {s.sinks + s.window + 1}",
             "raise it or set it to null",
         )
+    if s.head_ratios is not None:
+        _validate_head_ratios(s)
     m = s.model
     if m is not None:
         if m.num_layers != len(s.ratios):
@@ -223,6 +247,41 @@ def validate(s: Schedule) -> None:
             )
         if m.compressible is not None and len(m.compressible) != m.num_layers:
             _fail("model.compressible", f"has {len(m.compressible)} entries", f"give {m.num_layers} booleans")
+        if s.head_ratios is not None and any(len(row) != m.num_kv_heads for row in s.head_ratios):
+            _fail(
+                "head_ratios",
+                f"needs {m.num_kv_heads} shares per layer for model '{m.name}'",
+                "give one share per KV head, or remove head_ratios",
+            )
+
+
+def _check_head_ratios_shape(rows: Any) -> None:
+    if not isinstance(rows, list) or not all(
+        isinstance(row, list) and row and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in row)
+        for row in rows
+    ):
+        _fail("head_ratios", "is not a list of lists of numbers", "give one list of per-KV-head shares per layer")
+
+
+def _validate_head_ratios(s: Schedule) -> None:
+    rows = s.head_ratios
+    if len(rows) != len(s.ratios):
+        _fail("head_ratios", f"has {len(rows)} rows for {len(s.ratios)} layers", "give one row per layer")
+    if len({len(row) for row in rows}) != 1:
+        _fail("head_ratios", "rows differ in length", "give every layer one share per KV head")
+    if not s.selection.per_head:
+        _fail("head_ratios", "needs per-head selection", "set selection.per_head to true, or remove head_ratios")
+    for i, row in enumerate(rows):
+        for h, r in enumerate(row):
+            if not (math.isfinite(r) and 0.0 < r <= 1.0):
+                _fail(f"head_ratios[{i}][{h}]", f"{r} is outside (0, 1]", "use a share in (0, 1]")
+        mean = sum(row) / len(row)
+        if abs(mean - s.ratios[i]) > 1e-6:
+            _fail(
+                f"ratios[{i}]",
+                f"is {s.ratios[i]:.6g} but its heads' shares average {mean:.6g}",
+                "set each ratio to the mean of its layer's head_ratios",
+            )
 
 
 # ---------------------------------------------------------------- loading

@@ -50,3 +50,41 @@ def test_equal_weight_lets_a_small_scale_kind_count():
     assert sum(scaled, []) == pytest.approx(sum(both, []))
     # a non-compressible layer does not count towards a kind's scale
     assert equal_weight([[[1.0], [0.0]], [[2.0], [0.0]]], [True, False]) == [[1.0], [0.0]]
+
+
+def test_per_head_allocation_and_its_predicted_kl():
+    """The `heads` shape water-fills over every KV head; the schedule meets the budget and selects per head."""
+    import torch
+
+    from calibrate.profile import Profile
+    from calibrate.search import HEADS, Space
+    from runtime.schedule import ModelInfo, Selection
+
+    head_parts = torch.tensor([[[[1.0, 0.5], [0.01, 0.005]], [[0.02, 0.01], [0.01, 0.005]]]])  # [K=1, L=2, H=2, G]
+    zeros = torch.zeros(2, 2)
+    prof = Profile(
+        grid=GRID,
+        windows=[32],
+        recall=zeros,
+        overlap=zeros,
+        window_recall=torch.zeros(2, 1),
+        sensitivity=head_parts[0].mean(1),
+        compressible=[True, True],
+        parts=head_parts.mean(2),
+        part_names=["text"],
+        head_parts=head_parts,
+    )
+    info = ModelInfo(name="t", num_layers=2, num_kv_heads=2, head_dim=8, fingerprint="f", compressible=[True, True])
+    space = Space(0.4, 1000, prof, info, sinks=4, windows=[32], default_window=32)
+    assert HEADS in space.shapes
+    schedule = space.build(HEADS, 32, {}, Selection(per_head=False))
+    shares = schedule.head_ratios
+    assert shares[0][0] == max(max(row) for row in shares)  # the sensitive head gets the most
+    assert schedule.selection.per_head and abs(schedule.kv_fraction(1000) - 0.4) < 4 / 1000
+    # additivity check: the sum of single-head KLs, interpolated in the grid (0 at ratio 1)
+    flat = [[0.1, 0.1], [0.1, 0.1]]
+    assert prof.predicted_kl([0.1, 0.1], flat) == pytest.approx(1.0 + 0.01 + 0.02 + 0.01)
+    assert prof.predicted_kl([1.0, 1.0], [[1.0, 1.0], [1.0, 1.0]]) == 0.0
+    # a profile without per-head curves offers no `heads` shape
+    prof.head_parts = None
+    assert HEADS not in space.shapes

@@ -55,7 +55,8 @@ def test_run_writes_a_loadable_schedule_within_budget(tiny_model_dir, text, tmp_
     assert schedule.kv_fraction(128) <= 0.4 + 4 / 128  # one token of rounding per layer at most
     assert schedule.budget == 0.4 and schedule.model.num_layers == 4
     prov = schedule.provenance
-    assert prov["trials"] == 6 and set(prov["baselines"]) == {"uniform", "pyramidkv", "pyramidinfer", "sensitivity"}
+    baselines = {"uniform", "pyramidkv", "pyramidinfer", "sensitivity", "heads"}
+    assert prov["trials"] == 6 and set(prov["baselines"]) == baselines
     assert prov["command"].startswith("calibrate run") and "torch" in prov["versions"]
     # the enqueued baselines are trials of the study, so the best is never worse than them on validation
     assert prov["margin_vs_best_baseline"] >= 0
@@ -67,6 +68,9 @@ def test_run_writes_a_loadable_schedule_within_budget(tiny_model_dir, text, tmp_
     assert prof.part_names == ["text", "retrieval"] and prof.parts.shape == (2, 4, len(prof.grid))
     assert torch.allclose(prof.parts.mean(0), prof.sensitivity)
     assert list(summary["sensitivity_by_kind"]) == ["text", "retrieval"]
+    # per-KV-head curves (the tiny model has 2 KV heads), per kind too
+    assert prof.head_parts.shape == (2, 4, 2, len(prof.grid))
+    assert torch.allclose(prof.head_parts.mean(0), torch.tensor(summary["head_sensitivity"]))
     # the runtime applies it
     from transformers import AutoModelForCausalLM
 
@@ -210,8 +214,14 @@ def test_no_search_water_fills_from_the_profile(tiny_model_dir, text, tmp_path):
     out = tmp_path / "n.json"
     assert main(_args(tiny_model_dir, text, out, "--budget", "0.5", "--no-search")) == 0
     schedule = runtime.load_schedule(out)
-    assert abs(schedule.kv_fraction(128) - 0.5) <= 4 / 128 and "water-filling" in schedule.provenance["method"]
+    assert abs(schedule.kv_fraction(128) - 0.5) <= 4 / 128 and "single-KV head" in schedule.provenance["method"]
+    assert schedule.head_ratios is not None and len(schedule.head_ratios[0]) == 2
     assert not out.with_suffix(".optuna.db").exists()
+    layers = tmp_path / "l.json"
+    assert main(_args(tiny_model_dir, text, layers, "--budget", "0.5", "--no-search", "--no-per-head")) == 0
+    schedule = runtime.load_schedule(layers)
+    assert schedule.head_ratios is None and "single-layer" in schedule.provenance["method"]
+    assert Profile.load(tmp_path / "l").head_parts is None
 
 
 def test_every_source_is_in_calibration_and_validation():

@@ -52,6 +52,17 @@ def test_show_tokens(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert "tokens kept of 1000" in out
 
 
+def test_show_lists_per_head_shares(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from calibrate.cli import main
+    from runtime.schedule import Schedule
+
+    heads = [[0.2, 0.6], [0.5, 0.5]]
+    path = Schedule(ratios=[0.4, 0.5], head_ratios=heads, sinks=4, window=32).save(tmp_path / "h.json")
+    assert main(["show", str(path), "--tokens", "100"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0].endswith("heads 0.20/0.60") and "heads" not in rows[1]  # equal shares: one tensor, no note
+
+
 def test_show_reference_and_save(tmp_path: Path):
     target = tmp_path / "pkv.json"
     out = calibrate("show", "--reference", "pyramidkv", "--budget", "0.3", "--layers", "30", "--save", str(target))

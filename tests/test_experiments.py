@@ -68,11 +68,12 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
             main(["--model", "no-such-model", "--out", str(blocker / "x.json")])  # the model is never loaded
 
 
-def test_per_head_shares(tmp_path):
-    """Equal shares per head score exactly as that layer ratio; unequal ones keep each head's own count."""
+def test_evaluator_scores_per_head_shares():
+    """What calibration scores: a fork of the prefilled cache under `head_ratios`, each head holding its own count."""
     from tiny_models import tiny_model
 
-    from calibrate import tasks
+    from calibrate import evaluator, tasks
+    from runtime.cache import RaggedLayer
     from runtime.families import model_info
     from runtime.reference import at_budget
     from runtime.schedule import kept_tokens
@@ -80,24 +81,17 @@ def test_per_head_shares(tmp_path):
     model = tiny_model("llama")
     info = model_info(model)
     windows = torch.randint(3, 128, (3, 144), generator=torch.Generator().manual_seed(0))
-    ev = allocation_ceiling.PerHead(model, tasks.text_examples(windows, 128), batch_size=2)
+    ev = evaluator.Evaluator(model, tasks.text_examples(windows, 128), batch_size=2)
     base = at_budget("all_ones", info.num_layers, prompt_tokens=128, model=info)
-    ratios = [1.0, 0.1, 1.0, 1.0]
-    layer = ev.score(base.with_ratios(ratios))
-    heads = ev.score_heads(base, [[r, r] for r in ratios])
-    assert heads.kl > 0 and heads.per_example_kl == pytest.approx(layer.per_example_kl, rel=1e-5)
-    # head 0 of layer 1 squeezed, head 1 whole: each head holds its own count, the rest are invalid slots
-    cache = ev.compressed_cache(0, base)
-    allocation_ceiling.trim_heads(cache, base, [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]])
-    counts = cache.layers[1].valid.sum(-1)
-    assert counts.tolist() == [[kept_tokens(0.1, 128, base.sinks, base.window), 128]] * 2
-    # so its masks are built even for one-token queries; the untouched layers keep the mask-free fast path
-    assert cache.layers[1].has_invalid and not cache.layers[0].has_invalid
-    mixed = ev.score_heads(base, [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]])
-    assert 0 < mixed.kl != pytest.approx(heads.kl)
     shares = [[1.0, 1.0], [0.1, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    mixed = base.with_ratios([sum(h) / 2 for h in shares], head_ratios=shares)
+    cache = ev.compressed_cache(0, mixed)
+    assert isinstance(cache.layers[1], RaggedLayer) and not isinstance(cache.layers[0], RaggedLayer)
+    assert [u.stored() for u in cache.layers[1].units()] == [kept_tokens(0.1, 128, base.sinks, base.window), 128]
+    both = ev.score(base.with_ratios([1.0, 0.1, 1.0, 1.0]))
+    assert 0 < ev.score(mixed).kl < both.kl  # one head squeezed hurts less than both
     expected = (kept_tokens(0.1, 128, base.sinks, base.window) + 7 * 128) / (8 * 128)
-    assert allocation_ceiling.head_kv_fraction(shares, base, 128) == pytest.approx(expected)
+    assert mixed.kv_fraction(128) == pytest.approx(expected)
 
 
 def test_allocation_ceiling_per_head(tiny_model_dir, shared_data, tmp_path):

@@ -44,7 +44,8 @@ def test_fixture_sets_every_field():
     s = full_schedule()
     defaults = Schedule(ratios=[0.5])
     for f in dataclasses.fields(Schedule):
-        if f.name in ("format_version",):
+        # head_ratios needs per-head selection, which this fixture turns off: its round trip is in test_ragged.py
+        if f.name in ("format_version", "head_ratios"):
             continue
         assert getattr(s, f.name) != getattr(defaults, f.name), f"full_schedule() leaves '{f.name}' at its default"
     for cls, obj in ((Selection, s.selection), (Decode, s.decode)):

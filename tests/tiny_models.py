@@ -32,7 +32,8 @@ COMMON = dict(
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, kv_heads: int | None = None):
+    """kv_heads: override the family's KV head count (Gemma 3's tiny model has 1, like Gemma 3 270M)."""
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**COMMON))
@@ -44,7 +45,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
     elif family == "gemma3":
         cfg = Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 6, "num_key_value_heads": 1},
+            **{**COMMON, "num_hidden_layers": 6, "num_key_value_heads": kv_heads or 1},
             head_dim=16,
             sliding_window=24,
             layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],

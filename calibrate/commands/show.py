@@ -99,6 +99,9 @@ def render(schedule, tokens: int, width: int = 40) -> str:
         frac = k / tokens
         ratio_text = f"{ratio:6.4f}" if c else "  full"
         note = "" if c else "  (not compressed)"
+        heads = schedule.layer_head_ratios(layer) if c else None
+        if heads is not None:  # ratio and kept are then the mean over the layer's KV heads
+            note = "  heads " + "/".join(f"{r:.2f}" for r in heads)
         lines.append(f"{layer:>5}  {ratio_text}  {k:>7}  {frac:6.1%}  {_bar(frac, width, blocks)}{note}")
     n_comp = sum(compressible)
     lines.append("")

@@ -12,8 +12,8 @@ concentrated in a few. Run it on text that the evaluation does not use, or leave
 afterwards.
 
 --per-head asks the same of a finer allocation: every KV head gets its own curve (only that head of that layer
-compressed) and its own share, water-filled over all heads at the same mean. The runtime stores a layer's heads
-at one length, so this is a ceiling for ragged per-head caches (AdaKV-style), not something it can serve.
+compressed) and its own share, water-filled over all heads at the same mean (a schedule with `head_ratios`, which
+the runtime serves with one buffer per KV head where a layer's heads keep different shares).
 
 --curves-from measures the curves on other text (as calibration would) and scores on the given text: the same
 allocations, out of sample.
@@ -25,12 +25,9 @@ import argparse
 import json
 import sys
 
-import torch
-
-from runtime.cache import PyramidCache
 from runtime.families import model_info
 from runtime.reference import at_budget, rescale_to_budget
-from runtime.schedule import Schedule, kept_tokens, load_schedule, write_atomic
+from runtime.schedule import Schedule, load_schedule, write_atomic
 
 from .. import data, evaluator, tasks
 from ..allocate import mean_ratio_at, water_fill
@@ -41,64 +38,6 @@ from . import check_out
 
 CURVE_GRID = (*GRID, 0.75)  # one more point: at 0.5 budget the upper half of the curve matters
 SAME_BUDGET = 1e-3
-
-
-def trim_heads(cache: PyramidCache, schedule: Schedule, heads: list[list[float]]) -> None:
-    """Cut each KV head h of layer l to `heads[l][h]` of the context, by the schedule's own scores.
-
-    A layer's heads stay one rectangular tensor: a head that keeps fewer tokens than the layer's largest marks its
-    surplus slots invalid, which the masks then respect.
-    """
-    if not schedule.selection.per_head or min(schedule.ratios) < 1.0:
-        raise ValueError("per-head shares need a schedule that keeps every token and selects per head")
-    n = cache.seen_slots
-    for layer, ratios in zip(cache.layers, heads, strict=True):
-        if min(ratios) >= 1.0:
-            continue
-        counts = [kept_tokens(r, n, schedule.sinks, schedule.window) for r in ratios]
-        scores = layer.scores(schedule, layer.scaling)
-        keep = torch.tensor(counts, device=scores.device).expand(scores.shape[0], -1)
-        layer.trim(scores, schedule, None, max(counts), keep=keep)
-
-
-def head_kv_fraction(heads: list[list[float]], schedule: Schedule, n: int) -> float:
-    """Mean KV fraction over heads: each head index across the layers is a layer schedule of its own."""
-    h = len(heads[0])
-    return sum(schedule.with_ratios([hs[i] for hs in heads]).kv_fraction(n) for i in range(h)) / h
-
-
-class PerHead(evaluator.Evaluator):
-    """An evaluator that can also score per-head shares (`score_heads`) on top of a schedule that keeps all."""
-
-    heads: list[list[float]] | None = None
-
-    def compressed_cache(self, batch: int, schedule: Schedule) -> PyramidCache:
-        cache = super().compressed_cache(batch, schedule)
-        if self.heads is not None:
-            trim_heads(cache, schedule, self.heads)
-        return cache
-
-    def score_heads(self, schedule: Schedule, heads: list[list[float]]) -> evaluator.Scores:
-        self.heads = heads
-        try:
-            return self.score(schedule)
-        finally:
-            self.heads = None
-
-    def head_curves(self, base: Schedule, compressible: list[bool], grid, progress) -> list[list[list[float]]]:
-        """[L][H][G]: the KL when only head h of layer l keeps grid[g] of its context."""
-        num_heads = self.caches[0].layers[0].keys.shape[1]
-        curves = [[[0.0] * len(grid) for _ in range(num_heads)] for _ in compressible]
-        total, done = sum(compressible) * num_heads * len(grid), 0
-        for layer, c in enumerate(compressible):
-            for h in range(num_heads if c else 0):
-                for g, ratio in enumerate(grid):
-                    heads = [[1.0] * num_heads for _ in compressible]
-                    heads[layer][h] = ratio
-                    curves[layer][h][g] = self.score_heads(base, heads).kl
-                    done += 1
-                    progress("head sensitivity", done, total)
-        return curves
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     info = model_info(model)
     layers = info.num_layers
 
-    def evaluator_on(texts: list[str], count: int) -> PerHead:
+    def evaluator_on(texts: list[str], count: int) -> evaluator.Evaluator:
         stream = data.token_stream(tok, data.load_texts(texts))
         windows = data.cut_windows(stream, args.context + args.continuation, count, seed=7)
-        return PerHead(model, tasks.text_examples(windows, args.context))
+        return evaluator.Evaluator(model, tasks.text_examples(windows, args.context))
 
     ev = evaluator_on(args.text, args.windows)
     measured = evaluator_on(args.curves_from, args.curve_windows or args.windows) if args.curves_from else ev
@@ -136,15 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     compressible = list(info.compressible)
     progress = Progress()
     curves = single_layer_kl([measured], base, compressible, CURVE_GRID, progress)[0].tolist()
-    head_curves = measured.head_curves(base, compressible, CURVE_GRID, progress) if args.per_head else None
+    head_curves = None
+    if args.per_head:
+        kv_heads = info.num_kv_heads
+        head_curves = single_layer_kl([measured], base, compressible, CURVE_GRID, progress, heads=kv_heads)[0].tolist()
     rows = []
 
-    def add(budget: float, method: str, schedule, heads: list[list[float]] | None = None) -> None:
-        if heads is None:
-            kl, kv = ev.score(schedule).kl, schedule.kv_fraction(args.context)
-        else:
-            kl, kv = ev.score_heads(schedule, heads).kl, head_kv_fraction(heads, schedule, args.context)
-        ratios = heads or list(schedule.ratios)
+    def add(budget: float, method: str, schedule: Schedule) -> None:
+        kl, kv = ev.score(schedule).kl, schedule.kv_fraction(args.context)
+        ratios = schedule.head_ratios or list(schedule.ratios)
         rows.append({"budget": budget, "method": method, "kv_fraction": kv, "kl": kl, "ratios": ratios})
 
     for b in args.budgets:
@@ -156,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             h = len(head_curves[0])
             units = [c for c in compressible for _ in range(h)]
             flat = water_fill([c for hs in head_curves for c in hs], CURVE_GRID, mean_ratio, units)
-            add(b, f"{sample}per-head water-fill", base, [flat[i * h : (i + 1) * h] for i in range(layers)])
+            shares = [flat[i : i + h] for i in range(0, len(flat), h)]
+            per_head = base.with_ratios([sum(row) / h for row in shares], head_ratios=shares)
+            add(b, f"{sample}per-head water-fill", per_head)
     for path in args.schedules:
         schedule = load_schedule(path)
         kv = schedule.kv_fraction(args.context)

@@ -63,7 +63,8 @@ def greedy(model, ids, mask, new_tokens: int, cache=None) -> tuple[torch.Tensor,
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
     first, cache = out.logits[:, -1].float(), out.past_key_values
-    kept = [(lay.pos.clone(), lay.valid.clone()) for lay in getattr(cache, "layers", []) if hasattr(lay, "valid")]
+    units = [u for lay in getattr(cache, "layers", []) if hasattr(lay, "units") for u in lay.units()]
+    kept = [(u.pos.clone(), u.valid.clone()) for u in units]  # per layer, or per KV head where shares differ
     tokens = [first.argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", nargs="+", help="text files or folders (default: ../shared/data/gutenberg)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--benches", type=int, default=len(BENCHES), help="run the first N bench settings only")
+    p.add_argument(
+        "--benches", type=int, nargs="*", help="indices of the bench settings to run (default: all; none: no bench)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=1024, help="longest prompt of the padded batch")
     p.add_argument("--device", default="cuda", help="cuda (cpu only to try the script itself)")
     p.add_argument("--out", help="also write the results as JSON")
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"all-ones vs stock, {dtype}, {dev.type}: {r['different']} of {r['tokens']} tokens differ", flush=True)
         save()
     result["bench"] = []
-    for which, dtype, batch, context in BENCHES[: args.benches]:
+    picked = range(len(BENCHES)) if args.benches is None else args.benches
+    for which, dtype, batch, context in (BENCHES[i] for i in picked):
         model = on_device(dtype)
         sched = resolve_schedule(args.schedule if which == "schedule" else which, model, context)
         if ":" in which:

@@ -1,0 +1,149 @@
+"""Per-KV-head shares (`head_ratios`): each head holds exactly its own tokens, and outputs match the masked form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_runtime import GREEDY, left_pad, prompts
+from tiny_models import FAMILIES, tiny_model
+
+import runtime
+from runtime import Schedule, ScheduleError, Selection
+from runtime.cache import RaggedLayer
+from runtime.schedule import kept_tokens
+
+HEADS = [[0.5, 0.2], [0.9, 0.3], [0.3, 0.3], [0.25, 0.6]]  # tiny models: 2 KV heads; layer 2 is even
+
+
+def layer_heads(model) -> list[list[float]]:
+    return [HEADS[i % len(HEADS)] for i in range(model.config.num_hidden_layers)]
+
+
+def head_schedule(heads=HEADS, **kw) -> Schedule:
+    kw.setdefault("window", 8)
+    kw.setdefault("sinks", 2)
+    return Schedule(ratios=[sum(h) / len(h) for h in heads], head_ratios=heads, **kw)
+
+
+def masked_reference(model, ctx, schedule: Schedule):
+    """The same shares the slow way: one rectangular [B, H, T, D] layer per layer, each head's surplus masked."""
+    n = model.config.num_hidden_layers
+    probe = Schedule(ratios=[1.0] * n, window=schedule.window, sinks=schedule.sinks)
+    with runtime.apply(model, probe):
+        cache = model(ctx).past_key_values
+    cache = cache.fork(probe)
+    for layer, shares in zip(cache.layers, schedule.head_ratios, strict=True):
+        if not layer.plan_compressible:
+            continue
+        counts = [kept_tokens(r, ctx.shape[1], schedule.sinks, schedule.window) for r in shares]
+        scores = layer.scores(schedule, layer.scaling)
+        keep = torch.tensor(counts).expand(scores.shape[0], -1)
+        layer.trim(scores, schedule, None, max(counts), keep=keep)
+    return cache
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_each_head_holds_exactly_its_share(family):
+    model = tiny_model(family, kv_heads=2)
+    heads = layer_heads(model)
+    sched = head_schedule(heads)
+    with runtime.apply(model, sched):
+        cache = model(prompts(lengths=(90,))[0]).past_key_values
+    plan = runtime.families.layer_plan(model)
+    expected_bytes = 0
+    for i, (layer, (compressible, _)) in enumerate(zip(cache.layers, plan, strict=True)):
+        if not compressible:
+            expected_bytes += layer.kv_nbytes()
+            continue
+        uneven = len(set(heads[i])) > 1
+        assert isinstance(layer, RaggedLayer) == uneven, f"layer {i}"
+        units = layer.units()
+        counts = [u.stored() for u in units]
+        want = [kept_tokens(r, 90, sched.sinks, sched.window) for r in (heads[i] if uneven else [heads[i][0]])]
+        assert counts == want and all(bool(u.valid.all()) for u in units), f"layer {i}"
+        expected_bytes += sum(2 * u.keys.numel() * u.keys.element_size() for u in units)
+    assert runtime.kv_bytes(cache) == expected_bytes  # no padding slots: uneven heads really free memory
+    assert sched.kv_fraction(90) < Schedule(ratios=[max(h) for h in heads], window=8, sinks=2).kv_fraction(90)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_ragged_heads_equal_the_masked_rectangular_form(family):
+    """Split heads (one attention per KV head) give what one [B, H, T, D] layer with masked surplus slots gives,
+    after a real prefill and after fork + compress_now (what calibration scores) alike."""
+    model = tiny_model(family, kv_heads=2)
+    sched = head_schedule(layer_heads(model))
+    ctx, cont = prompts(lengths=(80, 12))
+    masked = masked_reference(model, ctx, sched)
+    with runtime.apply(model, sched):
+        expected = model(cont, cache=masked).logits
+        real = model(ctx).past_key_values
+        got_real = model(cont, cache=real).logits
+    n = model.config.num_hidden_layers
+    with runtime.apply(model, Schedule(ratios=[1.0] * n, window=sched.window, sinks=sched.sinks)):
+        base = model(ctx).past_key_values
+    forked = base.fork(sched)
+    forked.compress_now()
+    assert any(isinstance(layer, RaggedLayer) for layer in forked.layers)
+    with runtime.apply(model, sched):
+        got_fork = model(cont, cache=forked).logits
+    torch.testing.assert_close(got_real, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_fork, expected, rtol=1e-4, atol=1e-5)
+    assert max(base.stored_lengths()) == 80  # the source cache is untouched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["evict", "drop"])
+def test_padded_batch_equals_each_row_alone_with_head_shares(family, mode):
+    """Across decode-time trims (interval 16) too: a row's tokens do not depend on its neighbours."""
+    model = tiny_model(family, kv_heads=2)
+    sched = head_schedule(layer_heads(model), prefill_mode=mode, decode=runtime.Decode(interval=16))
+    rows = prompts()
+    ids, mask = left_pad(rows)
+    with runtime.apply(model, sched):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=40, return_dict_in_generate=True, **GREEDY)
+        for i, row in enumerate(rows):
+            alone = model.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=40, **GREEDY)
+            assert torch.equal(out.sequences[i, ids.shape[1] :], alone[0, row.shape[1] :]), f"row {i} differs"
+    cache = out.past_key_values
+    ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
+    assert ragged and all(layer.heads[0].stored() != layer.heads[1].stored() for layer in ragged)
+
+
+def test_head_ratios_round_trip_and_plain_files_stay_as_they_were(tmp_path):
+    sched = head_schedule()
+    loaded = runtime.load_schedule(sched.save(tmp_path / "h.json"))
+    assert loaded.head_ratios == HEADS and loaded.ratios == sched.ratios
+    plain = Schedule(ratios=[0.5] * 4)
+    assert "head_ratios" not in json.loads(plain.save(tmp_path / "p.json").read_text())
+    assert sched.with_ratios(sched.ratios).head_ratios == HEADS  # a rename keeps the split
+    assert sched.with_ratios([0.5] * 4).head_ratios is None  # new layer shares drop it
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(ratios=[0.5, 0.6, 0.3, 0.425]), r"ratios\[0\].*average 0.35.*mean of its layer's head_ratios"),
+        (dict(head_ratios=[[0.5, 0.2]] * 3), "has 3 rows for 4 layers"),
+        (dict(head_ratios=[[0.5, 1.5], [0.6], [0.3, 0.3], [0.4, 0.4]]), "rows differ in length"),
+        (dict(head_ratios=[[0.5, "x"]] * 4), "not a list of lists of numbers"),
+        (dict(selection=Selection(per_head=False)), "needs per-head selection"),
+    ],
+)
+def test_bad_head_ratios_get_one_line_errors(change, message):
+    fields = dict(ratios=[sum(h) / 2 for h in HEADS], head_ratios=HEADS, window=8, sinks=2)
+    fields.update(change)
+    with pytest.raises(ScheduleError, match=message):
+        Schedule(**fields)
+
+
+def test_head_ratios_must_match_the_models_kv_heads():
+    model = tiny_model("llama")
+    info = runtime.model_info(model)
+    three = [[0.4, 0.5, 0.6]] * 4
+    with pytest.raises(ScheduleError, match="needs 2 shares per layer"):
+        Schedule(ratios=[0.5] * 4, head_ratios=three, model=info)
+    with pytest.raises(ScheduleError, match="3 head shares per layer but the model has 2 KV heads"):
+        with runtime.apply(model, Schedule(ratios=[0.5] * 4, head_ratios=three)):
+            pass
