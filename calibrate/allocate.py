@@ -80,6 +80,25 @@ def water_fill(
     return ratios
 
 
+def water_fill_heads(
+    curves: Sequence[Sequence[Sequence[float]]],
+    grid: Sequence[float],
+    mean_ratio: float,
+    compressible: Sequence[bool],
+    exponent: float = 1.0,
+) -> list[list[float]]:
+    """`water_fill` over every KV head of every layer (`curves[l][h][g]`): [L][H] shares with the given mean."""
+    heads = len(curves[0])
+    flat = water_fill(
+        [c for row in curves for c in row],
+        grid,
+        mean_ratio,
+        [c for c in compressible for _ in range(heads)],
+        exponent=exponent,
+    )
+    return [flat[i : i + heads] for i in range(0, len(flat), heads)]
+
+
 def equal_weight(parts: Sequence[Sequence[Sequence[float]]], compressible: Sequence[bool]) -> list[list[float]]:
     """Average per-kind curves (`parts[k][l][g]`) after dividing each kind by its own mean over compressible layers.
 

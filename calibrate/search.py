@@ -18,7 +18,7 @@ import optuna
 from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import ModelInfo, Schedule, Selection
 
-from .allocate import blend, mean_ratio_at, water_fill
+from .allocate import blend, mean_ratio_at, water_fill, water_fill_heads
 from .evaluator import Evaluator, Scores
 from .profile import Profile
 
@@ -98,18 +98,16 @@ class Space:
 
     def head_shares(self, window: int, params: dict[str, float]) -> list[list[float]]:
         """[L][H] shares water-filled over every KV head of every layer, at the budget's mean ratio."""
-        curves = self.profile.head_allocation_curves()
-        heads = len(curves[0])
         mean = self.mean_ratio(window)
-        filled = water_fill(
-            [c for row in curves for c in row],
+        filled = water_fill_heads(
+            self.profile.head_allocation_curves(),
             self.profile.grid,
             mean,
-            [c for c in self.profile.compressible for _ in range(heads)],
+            self.profile.compressible,
             exponent=params.get("exponent", 1.0),
         )
-        filled = blend(filled, [mean] * len(filled), params.get("mix", 0.0))
-        return [[min(1.0, max(r, 1e-3)) for r in filled[i : i + heads]] for i in range(0, len(filled), heads)]
+        mix = params.get("mix", 0.0)
+        return [[min(1.0, max(r, 1e-3)) for r in blend(row, [mean] * len(row), mix)] for row in filled]
 
     def build(self, kind: str, window: int, params: dict[str, float], selection: Selection) -> Schedule:
         if kind == HEADS:  # per-head shares need per-head selection, whatever the trial chose

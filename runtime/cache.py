@@ -343,10 +343,7 @@ class RaggedLayer(DynamicLayer):
 
     def __init__(self, heads: list[PyramidLayer]):
         super().__init__()
-        self.heads = heads
-        self.ratio = sum(h.ratio for h in heads) / len(heads)
-        self.sliding_window = heads[0].sliding_window
-        self.scaling: float | None = heads[0].scaling
+        self.heads = heads  # each head trims, scores and masks itself; the layer only dispatches
 
     @classmethod
     def new(cls, ratios: list[float], sliding_window: int | None, query_window: int, spare: int) -> RaggedLayer:
@@ -497,10 +494,9 @@ class PyramidCache(Cache):
     def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
         """Remember the recent queries, then trim the layer (and, in drop mode, plan what goes on)."""
         layer, step, schedule = self.layers[layer_idx], self.step, self.schedule
-        layer.scaling = scaling
         parts = layer.parts(query)
         for unit, q in parts:
-            unit.scaling = scaling
+            unit.scaling = scaling  # a plain layer is its own one unit
             unit.remember_queries(q, step)
         due = [unit.due(schedule, self.seen_slots, step.trim_now) for unit, _ in parts]
         m_max = self._forward_due(layer_idx)

@@ -30,7 +30,7 @@ from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import Schedule, load_schedule, write_atomic
 
 from .. import data, evaluator, tasks
-from ..allocate import mean_ratio_at, water_fill
+from ..allocate import mean_ratio_at, water_fill, water_fill_heads
 from ..models import load_model
 from ..pipeline import Progress
 from ..profile import GRID, single_layer_kl
@@ -92,11 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         filled = water_fill(curves, CURVE_GRID, mean_ratio, compressible)
         add(b, f"{sample}water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
         if head_curves is not None:
-            h = len(head_curves[0])
-            units = [c for c in compressible for _ in range(h)]
-            flat = water_fill([c for hs in head_curves for c in hs], CURVE_GRID, mean_ratio, units)
-            shares = [flat[i : i + h] for i in range(0, len(flat), h)]
-            per_head = base.with_ratios([sum(row) / h for row in shares], head_ratios=shares)
+            shares = water_fill_heads(head_curves, CURVE_GRID, mean_ratio, compressible)
+            per_head = base.with_ratios([sum(row) / len(row) for row in shares], head_ratios=shares)
             add(b, f"{sample}per-head water-fill", per_head)
     for path in args.schedules:
         schedule = load_schedule(path)
