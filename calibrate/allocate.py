@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from runtime.schedule import group_heads, heads_compressible
+
 
 def convex_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Lower convex hull of (ratio, kl) points sorted by ratio."""
@@ -89,14 +91,9 @@ def water_fill_heads(
 ) -> list[list[float]]:
     """`water_fill` over every KV head of every layer (`curves[l][h][g]`): [L][H] shares with the given mean."""
     heads = len(curves[0])
-    flat = water_fill(
-        [c for row in curves for c in row],
-        grid,
-        mean_ratio,
-        [c for c in compressible for _ in range(heads)],
-        exponent=exponent,
-    )
-    return [flat[i : i + heads] for i in range(0, len(flat), heads)]
+    units = [c for row in curves for c in row]
+    flat = water_fill(units, grid, mean_ratio, heads_compressible(compressible, heads), exponent=exponent)
+    return group_heads(flat, heads)
 
 
 def equal_weight(parts: Sequence[Sequence[Sequence[float]]], compressible: Sequence[bool]) -> list[list[float]]:

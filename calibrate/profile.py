@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import runtime
-from runtime.schedule import Schedule, Selection, write_atomic
+from runtime.schedule import Schedule, Selection, group_heads, heads_compressible, write_atomic
 
 from .allocate import equal_weight
 from .evaluator import Evaluator
@@ -96,8 +96,7 @@ class Profile:
         """[L][H][G]: the per-head curves a budget is water-filled on, kinds weighed as in `allocation_curves`."""
         k, layers, heads, g = self.head_parts.shape
         units = self.head_parts.reshape(k, layers * heads, g).tolist()
-        flat = equal_weight(units, [c for c in self.compressible for _ in range(heads)])
-        return [flat[i * heads : (i + 1) * heads] for i in range(layers)]
+        return group_heads(equal_weight(units, heads_compressible(self.compressible, heads)), heads)
 
     def predicted_kl(self, ratios: Sequence[float], head_ratios: Sequence[Sequence[float]] | None = None) -> float:
         """Sum of the single-layer (or, given `head_ratios`, single-head) KLs at these shares (piecewise linear

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,18 @@ def _depth_colors(n: int):
     return [cmap(i / max(n - 1, 1)) for i in range(n)], cmap
 
 
+def _heat(ax, rows: list[list[float]], fmt: str, text_color: Callable[[float], str], **kw) -> Any:
+    """A layer-by-row heat map with each cell's value written in it (NaN cells blank); returns the image."""
+    image = ax.imshow(rows, aspect="auto", interpolation="nearest", **kw)
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
+            if math.isfinite(v):
+                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=6, color=text_color(v))
+    ax.set_yticks(range(0, len(rows), max(1, len(rows) // 15)))
+    ax.set_ylabel("layer")
+    return image
+
+
 @_styled
 def recall_heatmap(profile) -> Any:
     """Layer x retention ratio heat map of the recall curves: the share of future attention kept when the recent
@@ -260,16 +272,9 @@ def recall_heatmap(profile) -> Any:
         for layer in range(profile.num_layers)
     ]
     fig, ax = figure(1.1 * len(grid) + 2.2, 0.19 * len(rows) + 1.4)
-    image = ax.imshow(rows, vmin=0, vmax=1, cmap="magma", aspect="auto", interpolation="nearest")
-    for r, row in enumerate(rows):
-        for c, v in enumerate(row):
-            if math.isfinite(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    image = _heat(ax, rows, "{:.2f}", lambda v: "white" if v < 0.6 else "black", vmin=0, vmax=1, cmap="magma")
     ax.set_xticks(range(len(grid)), [f"{g:g}" for g in grid])
-    step = max(1, len(rows) // 15)
-    ax.set_yticks(range(0, len(rows), step))
     ax.set_xlabel("retention ratio (share of the context kept)")
-    ax.set_ylabel("layer")
     ax.set_title("recall: future attention kept by the recent window's choice", fontsize=9)
     fig.colorbar(image, ax=ax, label="recall", shrink=0.8)
     return fig
@@ -454,6 +459,48 @@ def kept_tokens(schedules: Mapping[str, Any], prompt_tokens: int) -> Any:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     ax.set_title(f"tokens kept per layer after a {prompt_tokens}-token prompt", fontsize=9)
+    return fig
+
+
+@_styled
+def head_shares(schedule=None, profile=None, ratio: float = 0.1, floor: float = 1e-6) -> Any:
+    """Left: the share of the context each KV head of each layer keeps (`head_ratios`). Right: the KL when only
+    that head is compressed to the grid ratio nearest `ratio` (the profile's per-head curves, kinds averaged, log
+    colour): the shares follow it. Either panel is left out when its data is missing (a per-layer schedule, a
+    profile without per-head curves); None when both are. Layers the runtime never compresses are blank."""
+    from matplotlib.colors import LogNorm
+
+    shares = schedule.head_ratios if schedule is not None else None
+    head_kl = profile.head_parts.mean(0) if profile is not None and profile.head_parts is not None else None
+    panels = [p for p in (shares, head_kl) if p is not None]
+    if not panels:
+        return None
+    compressible = schedule.compressible() if schedule is not None else profile.compressible
+    fig, axes = figure(3.2 * len(panels) + 1.6, 0.19 * len(panels[0]) + 1.6, ncols=len(panels))
+    axes = list(axes) if len(panels) > 1 else [axes]
+
+    def blank(layer: int) -> bool:
+        return not compressible[layer]
+
+    if shares is not None:
+        ax = axes.pop(0)
+        rows = [[math.nan if blank(i) else float(v) for v in row] for i, row in enumerate(shares)]
+        image = _heat(ax, rows, "{:.2g}", lambda v: "white" if v < 0.6 else "black", vmin=0, vmax=1, cmap="viridis")
+        fig.colorbar(image, ax=ax, label="share kept", shrink=0.8)
+        ax.set_title(f"share kept per KV head (KV {schedule.kv_fraction():.3f})", fontsize=9)
+    if head_kl is not None:
+        ax = axes.pop(0)
+        grid = list(profile.grid)
+        g = min(range(len(grid)), key=lambda j: abs(grid[j] - ratio))
+        rows = [[math.nan if blank(i) else max(float(v), floor) for v in head_kl[i, :, g]] for i in range(len(head_kl))]
+        finite = [v for row in rows for v in row if math.isfinite(v)]
+        norm = LogNorm(vmin=min(finite), vmax=max(finite))
+        image = _heat(ax, rows, "{:.1e}", lambda v: "white" if norm(v) < 0.6 else "black", norm=norm, cmap="magma")
+        fig.colorbar(image, ax=ax, label="KL, nats/token", shrink=0.8)
+        ax.set_title(f"KL when only that head keeps {grid[g]:g}", fontsize=9)
+    for ax in fig.axes[: len(panels)]:
+        ax.set_xticks(range(len(panels[0][0])))
+        ax.set_xlabel("KV head")
     return fig
 
 

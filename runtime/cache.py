@@ -426,6 +426,20 @@ class RaggedLayer(DynamicLayer):
 AnyLayer = PyramidLayer | RaggedLayer
 
 
+def _forked(layer: PyramidLayer, ratio: float, schedule: Schedule) -> PyramidLayer:
+    """A copy of `layer` that shares its tensors and keeps `ratio` under `schedule`."""
+    out = copy.copy(layer)
+    out.ratio = ratio
+    out.compressible = ratio < 1.0 and not out.is_sliding and out.plan_compressible
+    out.query_window = schedule.window
+    out.spare = schedule.decode.interval
+    # the views become the buffers: no spare room, so the fork's first append copies instead of writing into
+    # storage that the source cache (or another fork) still uses
+    out.keys, out.values, out.pos, out.valid = out.keys, out.values, out.pos, out.valid
+    out.q_buf, out.q_buf_pos, out.q_buf_valid = out.q_buf, out.q_buf_pos, out.q_buf_valid
+    return out
+
+
 class PyramidCache(Cache):
     """The KV cache used under `runtime.apply`: one `PyramidLayer` per decoder layer."""
 
@@ -552,28 +566,29 @@ class PyramidCache(Cache):
         """A new cache under `schedule` that starts from this one's contents (shares tensors, copies nothing).
 
         Calibration prefills once with an all-ones schedule and a wide query window, then forks that cache for
-        every candidate schedule and calls `compress_now`: evict mode needs no second prefill.
+        every candidate schedule and calls `compress_now`: evict mode needs no second prefill. Evaluation forks a
+        compressed cache to score one continuation and generate another from the same state; a layer already
+        split by head stays split, each head forked alone.
         """
-        if any(isinstance(layer, RaggedLayer) for layer in self.layers):
-            raise ValueError("fork a cache prefilled without per-head shares (e.g. under the all-ones schedule)")
         other = PyramidCache.__new__(PyramidCache)
-        Cache.__init__(other, layers=[copy.copy(layer) for layer in self.layers])
+        layers = []
+        for i, layer in enumerate(self.layers):
+            heads = schedule.layer_head_ratios(i)
+            if isinstance(layer, RaggedLayer):
+                shares = heads or [schedule.ratios[i]] * len(layer.heads)
+                if len(shares) != len(layer.heads):
+                    raise ValueError(f"layer {i} holds {len(layer.heads)} KV heads, the schedule gives {len(shares)}")
+                forked = RaggedLayer([_forked(u, r, schedule) for u, r in zip(layer.heads, shares, strict=True)])
+                forked.is_initialized, forked.device = layer.is_initialized, layer.device
+            else:
+                forked = _forked(layer, schedule.ratios[i], schedule)
+                if heads is not None and forked.compressible:
+                    forked = RaggedLayer.split(forked, heads)
+            layers.append(forked)
+        Cache.__init__(other, layers=layers)
         other.schedule = schedule
         other.seen_slots, other.seen_valid, other.step, other.since_trim = self.seen_slots, self.seen_valid, None, 0
         other.forward_ratio = [None] * len(other.layers)
-        for layer, ratio in zip(other.layers, schedule.ratios, strict=True):
-            layer.ratio = ratio
-            layer.compressible = ratio < 1.0 and not layer.is_sliding and layer.plan_compressible
-            layer.query_window = schedule.window
-            layer.spare = schedule.decode.interval
-            # the views become the buffers: no spare room, so the fork's first append copies instead of writing
-            # into storage that this cache (or another fork) still uses
-            layer.keys, layer.values, layer.pos, layer.valid = layer.keys, layer.values, layer.pos, layer.valid
-            layer.q_buf, layer.q_buf_pos, layer.q_buf_valid = layer.q_buf, layer.q_buf_pos, layer.q_buf_valid
-        for i, layer in enumerate(other.layers):
-            heads = schedule.layer_head_ratios(i)
-            if heads is not None and layer.compressible:
-                other.layers[i] = RaggedLayer.split(layer, heads)
         return other
 
     def compress_now(self) -> None:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .schedule import Schedule, ScheduleError, kept_tokens
+from .schedule import Schedule, ScheduleError, group_heads, heads_compressible, kept_tokens
 
 KINDS = ("uniform", "pyramidkv", "pyramidinfer", "all_ones")
 DEFAULT_PROMPT_TOKENS = 2048
@@ -238,9 +238,9 @@ def _rescale_heads(base: Schedule, b: float, n: int) -> Schedule:
         n,
         base.sinks,
         base.window,
-        [c for c in base.compressible() for _ in range(h)],
+        heads_compressible(base.compressible(), h),
     )
-    heads = [flat[i : i + h] for i in range(0, len(flat), h)]
+    heads = group_heads(flat, h)
     provenance = {**base.provenance, "budget": b, "prompt_tokens": n, "scale": factor}
     ratios = [sum(row) / h for row in heads]
     return base.with_ratios(ratios, head_ratios=heads, budget=b, context_length=n, provenance=provenance)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,6 +154,17 @@ def kept_tokens(ratio: float, prompt_tokens: int, sinks: int, window: int) -> in
     protected = min(prompt_tokens, sinks + window)
     context = prompt_tokens - protected
     return protected + min(context, math.ceil(ratio * context - 1e-9))
+
+
+def heads_compressible(compressible: Sequence[bool], heads: int) -> list[bool]:
+    """Per-head allocations treat every KV head as a unit of its own: the layer's flag, once per head, in the
+    order `[h for row in head_ratios for h in row]` flattens shares."""
+    return [c for c in compressible for _ in range(heads)]
+
+
+def group_heads(flat: Sequence[Any], heads: int) -> list[list[Any]]:
+    """Flat per-head values (layer-major) back into one row of `heads` values per layer."""
+    return [list(flat[i : i + heads]) for i in range(0, len(flat), heads)]
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -127,13 +127,17 @@ def test_full_cache_path_equals_stock_generation_and_nll():
 
 @pytest.mark.parametrize("mode", ["evict", "drop"])
 @pytest.mark.parametrize("after", [False, True])
-def test_padded_batch_equals_each_prompt_alone(mode, after):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("per_head", [False, True])
+def test_padded_batch_equals_each_prompt_alone(mode, after, per_head):
+    model = tiny_model("llama", kv_heads=2)
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (180, 140, 200)]
     answers = [torch.randint(3, 128, (k,), generator=g) for k in (5, 1, 3)]
     extra = torch.randint(3, 128, (3, 6), generator=g) if after else None
     sched = at_budget("uniform", 4, 0.35, prompt_tokens=170, window=16, prefill_mode=mode)
+    if per_head:  # KV heads keep different shares: the cache holds ragged layers (one buffer per head)
+        heads = [[0.5, 0.2], [0.2, 0.5], [0.35, 0.35], [0.6, 0.1]]
+        sched = dataclasses.replace(sched, ratios=[sum(h) / 2 for h in heads], head_ratios=heads)
     eos = [7]  # a token the random model emits now and then: rows stop at different steps
 
     def outputs(prefix, e, a):

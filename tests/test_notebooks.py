@@ -22,6 +22,7 @@ pytest.importorskip("ipykernel")
 
 from calibrate import views  # noqa: E402
 from calibrate.profile import Profile  # noqa: E402
+from runtime.schedule import load_schedule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -62,6 +63,7 @@ def make_profile(stem: Path, num_layers: int, compressible: list[bool]):
     recall = torch.tensor([[g ** (0.25 + 0.5 * layer / num_layers) for g in grid] for layer in range(num_layers)])
     sens = torch.tensor([[(1 - g) * 10 ** -(1 + (layer * 7) % 4) for g in grid] for layer in range(num_layers)])
     parts = torch.stack([sens, sens.flip(0) * 30])  # text and tasks at different scales, as measured
+    head_parts = torch.stack([parts, parts * 0.1], dim=2)  # [K, L, 2, G]: two KV heads, the second matters less
     prof = Profile(
         grid=grid,
         windows=windows,
@@ -72,6 +74,7 @@ def make_profile(stem: Path, num_layers: int, compressible: list[bool]):
         compressible=compressible,
         parts=parts,
         part_names=["text", "retrieval"],
+        head_parts=head_parts,
         meta={"sinks": 4, "window": 16, "synthetic": True},
     )
     prof.save(stem)
@@ -83,7 +86,7 @@ def make_schedule(path: Path, budget: float, trial: int, prof, compressible: lis
     from runtime.schedule import ModelInfo, Schedule
 
     n = len(compressible)
-    info = ModelInfo(name="tiny", num_layers=n, num_kv_heads=1, head_dim=8, fingerprint="0", compressible=compressible)
+    info = ModelInfo(name="tiny", num_layers=n, num_kv_heads=2, head_dim=8, fingerprint="0", compressible=compressible)
     base = Schedule(ratios=[1.0 / (1 + layer % 3) for layer in range(n)], window=16, sinks=4, model=info)
     s = rescale_to_budget(base, budget, 256)
     baselines = {
@@ -101,6 +104,8 @@ def make_schedule(path: Path, budget: float, trial: int, prof, compressible: lis
         "params": {"shape": "sensitivity"},
     }
     s = s.with_ratios(s.ratios, name=path.stem, provenance=provenance, budget=budget)
+    # uneven shares per KV head around each layer's ratio (same mean), as a per-head calibration writes
+    s.head_ratios = [[r - min(r, 1 - r) / 2, r + min(r, 1 - r) / 2] for r in s.ratios]
     s.save(path)
     return s
 
@@ -270,7 +275,7 @@ def synthetic(tmp_path_factory) -> dict[str, str]:
 def test_inspect_schedule_synthetic(synthetic):
     text, images = run("inspect_schedule", synthetic)
     assert "profile:" in text and "margin vs the best baseline" in text and "additivity:" in text
-    assert images == 6  # recall heat map, decay, sensitivity, sensitivity per kind, retention, tokens kept
+    assert images == 7  # recall heat map, decay, sensitivity, sensitivity per kind, retention, head shares, kept
 
 
 def test_sensitivity_by_kind_draws_the_allocation_curves(tmp_path):
@@ -290,6 +295,26 @@ def test_sensitivity_by_kind_draws_the_allocation_curves(tmp_path):
     relative = [list(line.get_ydata()) for line in right.get_lines()[:2]]
     assert [(a + b) / 2 for a, b in zip(*relative, strict=True)] == pytest.approx(list(black.get_ydata()))
     assert views.sensitivity_by_kind(dataclasses.replace(prof, parts=None)) is None  # profiles from before
+
+
+def test_head_shares_draws_the_schedule_and_the_head_curves(tmp_path):
+    import dataclasses
+
+    compressible = [True, False, True, True, True, True]
+    prof = make_profile(tmp_path / "p", len(compressible), compressible)
+    s = make_schedule(tmp_path / "s.json", 0.3, 0, prof, compressible)
+    fig = views.head_shares(s, prof, ratio=0.1)
+    left, right = (ax.get_images()[0].get_array() for ax in fig.axes[:2])
+    g = list(prof.grid).index(0.1)
+    for layer, c in enumerate(compressible):
+        if c:
+            assert list(left[layer]) == pytest.approx(s.head_ratios[layer])
+            assert list(right[layer]) == pytest.approx(prof.head_parts.mean(0)[layer, :, g].tolist())
+        else:  # never compressed: blank, whatever its share says
+            assert left.mask[layer].all() or all(math.isnan(v) for v in left[layer])
+    per_layer = dataclasses.replace(s, head_ratios=None)
+    assert len(views.head_shares(per_layer, prof).axes) == 2  # one heat map and its colour bar
+    assert views.head_shares(per_layer, dataclasses.replace(prof, head_parts=None)) is None
 
 
 def test_search_synthetic(synthetic):
@@ -327,8 +352,11 @@ def test_notebooks_on_repository_artifacts():
         text, images = run("inspect_schedule", {})
         assert f"schedule: {views.rel(schedule, ROOT)}" in text
         stem = views.profile_stem(schedule)
-        # with a profile: recall, decay, sensitivity (+ per kind when the profile has them), retention, tokens kept
-        expected = 2 + (3 + (Profile.load(stem).parts is not None) if stem else 0)
+        # with a profile: recall, decay, sensitivity (+ per kind when the profile has them); retention, tokens
+        # kept; head shares when the schedule or the profile has them
+        prof = Profile.load(stem) if stem else None
+        head = load_schedule(schedule).head_ratios is not None or (prof is not None and prof.head_parts is not None)
+        expected = 2 + head + (3 + (prof.parts is not None) if prof else 0)
         assert images == expected, text
     if study:
         text, images = run("search", {})

@@ -68,6 +68,42 @@ def test_each_head_holds_exactly_its_share(family):
     assert sched.kv_fraction(90) < Schedule(ratios=[max(h) for h in heads], window=8, sinks=2).kv_fraction(90)
 
 
+def test_fork_of_a_compressed_ragged_cache_continues_like_the_original():
+    """`calibrate eval` scores a gold answer on a fork of the compressed cache, then generates from the cache
+    itself: both must continue as a cache never forked does, and the fork's appends must not reach the source."""
+    model = tiny_model("llama", kv_heads=2)
+    sched = head_schedule(layer_heads(model))
+    ctx, cont = prompts(lengths=(80, 20))
+    with runtime.apply(model, sched):
+        expected = model(cont, cache=model(ctx).past_key_values).logits
+        source = model(ctx).past_key_values
+        forked = source.fork(sched)
+        assert [type(a) for a in forked.layers] == [type(b) for b in source.layers]
+        assert any(isinstance(layer, RaggedLayer) for layer in forked.layers)
+        got_fork = model(cont, cache=forked).logits
+        got_source = model(cont, cache=source).logits
+    torch.testing.assert_close(got_fork, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_source, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="holds 2 KV heads, the schedule gives 3"):
+        source.fork(head_schedule([[0.2, 0.5, 0.5] for _ in sched.ratios]))
+
+
+def test_measured_kv_fraction_counts_each_heads_tokens():
+    """`calibrate eval` measures a schedule's KV fraction from the cache: with uneven heads it is the mean over
+    heads of what each one holds, per row of a padded batch."""
+    from calibrate.evaluate import row_kv_fractions
+
+    model = tiny_model("llama", kv_heads=2)
+    sched = head_schedule(layer_heads(model))
+    ids, mask = left_pad(list(prompts(lengths=(90, 60))))
+    with runtime.apply(model, sched):
+        cache = model(ids, attention_mask=mask).past_key_values
+    assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    plan = runtime.families.layer_plan(model)
+    measured = row_kv_fractions(cache, plan, [90, 60])
+    assert measured == pytest.approx([sched.kv_fraction(90), sched.kv_fraction(60)], abs=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_ragged_heads_equal_the_masked_rectangular_form(family):
     """Split heads (one attention per KV head) give what one [B, H, T, D] layer with masked surplus slots gives,
