@@ -361,11 +361,10 @@ def single_layer_kl(
 
 
 def _one_part_compressed(base: Schedule, layer: int, head: int, ratio: float, heads: int | None) -> Schedule:
-    ratios = list(base.ratios)
     if not heads:
+        ratios = list(base.ratios)
         ratios[layer] = ratio
         return base.with_ratios(ratios)
-    shares = [[1.0] * heads for _ in ratios]
+    shares = [[1.0] * heads for _ in base.ratios]
     shares[layer][head] = ratio
-    ratios[layer] = sum(shares[layer]) / heads
-    return base.with_ratios(ratios, head_ratios=shares)
+    return base.with_head_ratios(shares)

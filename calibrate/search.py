@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 
 from runtime.reference import at_budget, rescale_to_budget
-from runtime.schedule import ModelInfo, Schedule, Selection
+from runtime.schedule import ModelInfo, Schedule, Selection, head_means
 
 from .allocate import blend, mean_ratio_at, water_fill, water_fill_heads
 from .evaluator import Evaluator, Scores
@@ -113,7 +113,7 @@ class Space:
         if kind == HEADS:  # per-head shares need per-head selection, whatever the trial chose
             shares = self.head_shares(window, params)
             base = Schedule(
-                ratios=[sum(row) / len(row) for row in shares],
+                ratios=head_means(shares),
                 head_ratios=shares,
                 window=window,
                 sinks=self.sinks,
@@ -189,7 +189,7 @@ def enqueue_baselines(
 ) -> None:
     """Enqueue the reference and sensitivity trials (and the per-head allocation, where the profile has per-head
     curves) once per study (a resumed study already has them)."""
-    for kind in (*REFERENCES, *ALLOCATIONS[: 2 if heads else 1]):
+    for kind in (*REFERENCES, "sensitivity", *([HEADS] if heads else [])):
         study.enqueue_trial({**baseline_params(kind, window), **(extra or {})}, skip_if_exists=True)
 
 

@@ -479,12 +479,9 @@ def head_shares(schedule=None, profile=None, ratio: float = 0.1, floor: float = 
     fig, axes = figure(3.2 * len(panels) + 1.6, 0.19 * len(panels[0]) + 1.6, ncols=len(panels))
     axes = list(axes) if len(panels) > 1 else [axes]
 
-    def blank(layer: int) -> bool:
-        return not compressible[layer]
-
     if shares is not None:
         ax = axes.pop(0)
-        rows = [[math.nan if blank(i) else float(v) for v in row] for i, row in enumerate(shares)]
+        rows = [[float(v) if compressible[i] else math.nan for v in row] for i, row in enumerate(shares)]
         image = _heat(ax, rows, "{:.2g}", lambda v: "white" if v < 0.6 else "black", vmin=0, vmax=1, cmap="viridis")
         fig.colorbar(image, ax=ax, label="share kept", shrink=0.8)
         ax.set_title(f"share kept per KV head (KV {schedule.kv_fraction():.3f})", fontsize=9)
@@ -492,7 +489,7 @@ def head_shares(schedule=None, profile=None, ratio: float = 0.1, floor: float = 
         ax = axes.pop(0)
         grid = list(profile.grid)
         g = min(range(len(grid)), key=lambda j: abs(grid[j] - ratio))
-        rows = [[math.nan if blank(i) else max(float(v), floor) for v in head_kl[i, :, g]] for i in range(len(head_kl))]
+        rows = [[max(float(v), floor) if c else math.nan for v in head_kl[i, :, g]] for i, c in enumerate(compressible)]
         finite = [v for row in rows for v in row if math.isfinite(v)]
         norm = LogNorm(vmin=min(finite), vmax=max(finite))
         image = _heat(ax, rows, "{:.1e}", lambda v: "white" if norm(v) < 0.6 else "black", norm=norm, cmap="magma")

@@ -606,7 +606,7 @@ def kv_bytes(cache: Cache) -> int:
     """Bytes the cache really holds in keys and values, spare room included (any transformers Cache)."""
     total = 0
     for layer in getattr(cache, "layers", []):
-        if isinstance(layer, (PyramidLayer, RaggedLayer)):
+        if isinstance(layer, AnyLayer):
             total += layer.kv_nbytes()
             continue
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -617,6 +617,5 @@ def kv_bytes(cache: Cache) -> int:
 
 def cache_bytes(cache: Cache) -> int:
     """All bytes the cache holds: keys, values and our per-slot bookkeeping (positions, validity, recent queries)."""
-    layers = getattr(cache, "layers", [])
-    extra = sum(layer.bookkeeping_nbytes() for layer in layers if isinstance(layer, (PyramidLayer, RaggedLayer)))
+    extra = sum(layer.bookkeeping_nbytes() for layer in getattr(cache, "layers", []) if isinstance(layer, AnyLayer))
     return kv_bytes(cache) + extra

@@ -240,10 +240,8 @@ def _rescale_heads(base: Schedule, b: float, n: int) -> Schedule:
         base.window,
         heads_compressible(base.compressible(), h),
     )
-    heads = group_heads(flat, h)
     provenance = {**base.provenance, "budget": b, "prompt_tokens": n, "scale": factor}
-    ratios = [sum(row) / h for row in heads]
-    return base.with_ratios(ratios, head_ratios=heads, budget=b, context_length=n, provenance=provenance)
+    return base.with_head_ratios(group_heads(flat, h), budget=b, context_length=n, provenance=provenance)
 
 
 def at_budget(

@@ -148,12 +148,21 @@ class Schedule:
         changes.setdefault("provenance", dict(self.provenance))
         return dataclasses.replace(self, ratios=list(ratios), **changes)
 
+    def with_head_ratios(self, head_ratios: list[list[float]], **changes: Any) -> Schedule:
+        """A copy with these per-KV-head shares; each layer's ratio becomes the mean of its heads' shares."""
+        return self.with_ratios(head_means(head_ratios), head_ratios=head_ratios, **changes)
+
 
 def kept_tokens(ratio: float, prompt_tokens: int, sinks: int, window: int) -> int:
     """Tokens a layer keeps: sinks and recent window always, plus ceil(ratio * context)."""
     protected = min(prompt_tokens, sinks + window)
     context = prompt_tokens - protected
     return protected + min(context, math.ceil(ratio * context - 1e-9))
+
+
+def head_means(head_ratios: Sequence[Sequence[float]]) -> list[float]:
+    """Each layer's ratio under per-head shares: the mean over its KV heads (what `validate` requires)."""
+    return [sum(row) / len(row) for row in head_ratios]
 
 
 def heads_compressible(compressible: Sequence[bool], heads: int) -> list[bool]:
@@ -283,11 +292,10 @@ def _validate_head_ratios(s: Schedule) -> None:
         _fail("head_ratios", "rows differ in length", "give every layer one share per KV head")
     if not s.selection.per_head:
         _fail("head_ratios", "needs per-head selection", "set selection.per_head to true, or remove head_ratios")
-    for i, row in enumerate(rows):
+    for i, (row, mean) in enumerate(zip(rows, head_means(rows), strict=True)):
         for h, r in enumerate(row):
             if not (math.isfinite(r) and 0.0 < r <= 1.0):
                 _fail(f"head_ratios[{i}][{h}]", f"{r} is outside (0, 1]", "use a share in (0, 1]")
-        mean = sum(row) / len(row)
         if abs(mean - s.ratios[i]) > 1e-6:
             _fail(
                 f"ratios[{i}]",

@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         add(b, f"{sample}water-fill", rescale_to_budget(base.with_ratios(filled), b, args.context))
         if head_curves is not None:
             shares = water_fill_heads(head_curves, CURVE_GRID, mean_ratio, compressible)
-            per_head = base.with_ratios([sum(row) / len(row) for row in shares], head_ratios=shares)
-            add(b, f"{sample}per-head water-fill", per_head)
+            add(b, f"{sample}per-head water-fill", base.with_head_ratios(shares))
     for path in args.schedules:
         schedule = load_schedule(path)
         kv = schedule.kv_fraction(args.context)
