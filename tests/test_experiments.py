@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibrate.experiments import allocation_ceiling, paired_kl
+from experiments import allocation_ceiling, paired_kl
 
 WINDOWS = ["--context", "128", "--continuation", "16"]
 
@@ -136,7 +136,7 @@ def test_curve_windows_needs_curves_from(capsys):
 def test_cuda_check_runs_its_parts_and_records_them(tiny_model_dir, shared_data, tmp_path, monkeypatch, capsys):
     """The GPU check, tried on CPU (--device cpu): the device comparison is then CPU against CPU, so it must agree
     exactly; the all-ones schedule must equal stock; the bench part runs and records a smaller KV cache."""
-    from calibrate.experiments import cuda_check
+    from experiments import cuda_check
 
     monkeypatch.setattr(cuda_check, "BENCHES", (("schedule", "float32", 2, 128),))
     out = tmp_path / "check.json"

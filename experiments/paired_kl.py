@@ -1,6 +1,6 @@
 """Calibrated schedules against uniform, PyramidKV and PyramidInfer at equal KV memory, paired per window.
 
-    python -m calibrate.experiments.paired_kl schedules/smollm2-135m-instruct_b0.3.json [...] \\
+    python -m experiments.paired_kl schedules/smollm2-135m-instruct_b0.3.json [...] \\
         [--data wikitext2 gutenberg] [--windows 24] [--context 2048] [--continuation 128] [--leave-out FILE ...]
 
 Text that calibration never saw: WikiText-2 (test) and the Gutenberg novels, less any file that one of the
@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from calibrate import data, evaluator, tasks
+from calibrate.models import load_model
+from calibrate.paths import shared_data
 from runtime.families import model_info
 from runtime.reference import at_budget
 from runtime.schedule import load_schedule, write_atomic
 
-from .. import data, evaluator, tasks
-from ..models import load_model
-from ..paths import shared_data
 from . import check_out
 
 SOURCES = {"wikitext2": "wikitext2_raw_test", "gutenberg": "gutenberg"}

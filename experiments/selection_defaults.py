@@ -1,6 +1,6 @@
 """Which token-selection settings should be the default? Uniform retention, KL on calibration-style text.
 
-    python -m calibrate.experiments.selection_defaults [--data ../shared/data/tinyshakespeare] [--budget 0.3]
+    python -m experiments.selection_defaults [--data ../shared/data/tinyshakespeare] [--budget 0.3]
 
 Scores every setting on the same prefilled windows (evict mode) of text that evaluation never uses.
 """
@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from calibrate import data, evaluator, tasks
+from calibrate.models import load_model
+from calibrate.paths import shared_data
 from runtime.reference import at_budget
 from runtime.schedule import Selection
-
-from .. import data, evaluator, tasks
-from ..models import load_model
-from ..paths import shared_data
 
 
 def main(argv: list[str] | None = None) -> None:

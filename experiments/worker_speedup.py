@@ -1,7 +1,7 @@
 """Wall time for one study to reach N trials with 1, 2 and 3 local workers sharing it through a database.
 
     PG=$(bash .ci/postgres.sh | tail -n 1)
-    python -m calibrate.experiments.worker_speedup --storage "$PG" [--workers 1 2 3] [--trials 24] \\
+    python -m experiments.worker_speedup --storage "$PG" [--workers 1 2 3] [--trials 24] \\
         [--model PATH] [--data ../shared/data/tinyshakespeare] [--context-length 512]
 
 For every worker count a fresh study is calibrated with `calibrate run --quick` (which computes the profile once
@@ -22,9 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from calibrate.paths import shared_data
 from runtime.schedule import write_atomic
-
-from ..paths import shared_data
 
 
 def _study_ready(storage, name: str) -> bool:

@@ -1,9 +1,9 @@
-"""Small, rerunnable measurements behind design choices stated in the README (python -m calibrate.experiments.X)."""
+"""Small, rerunnable measurements behind design choices stated in the README (python -m experiments.X)."""
 
 from pathlib import Path
 
-from ..errors import CalibrateError
-from ..pipeline import check_writable
+from calibrate.errors import CalibrateError
+from calibrate.pipeline import check_writable
 
 
 def check_out(out: str | None) -> None:

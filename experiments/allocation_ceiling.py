@@ -1,6 +1,6 @@
 """How far can per-layer allocation go on one text? An in-sample ceiling for the sensitivity water-fill.
 
-    python -m calibrate.experiments.allocation_ceiling ../shared/data/gutenberg/pg2701_moby_dick.txt \\
+    python -m experiments.allocation_ceiling ../shared/data/gutenberg/pg2701_moby_dick.txt \\
         --schedules schedules/smollm2-135m-instruct_b0.2.json [...] [--budgets 0.2 0.3 0.5] [--windows 8] \\
         [--per-head] [--curves-from ../shared/data/tinyshakespeare]
 
@@ -25,15 +25,15 @@ import argparse
 import json
 import sys
 
+from calibrate import data, evaluator, tasks
+from calibrate.allocate import mean_ratio_at, water_fill, water_fill_heads
+from calibrate.models import load_model
+from calibrate.pipeline import Progress
+from calibrate.profile import GRID, single_layer_kl
 from runtime.families import model_info
 from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import Schedule, load_schedule, write_atomic
 
-from .. import data, evaluator, tasks
-from ..allocate import mean_ratio_at, water_fill, water_fill_heads
-from ..models import load_model
-from ..pipeline import Progress
-from ..profile import GRID, single_layer_kl
 from . import check_out
 
 CURVE_GRID = (*GRID, 0.75)  # one more point: at 0.5 budget the upper half of the curve matters

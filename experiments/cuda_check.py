@@ -1,8 +1,8 @@
 """The runtime on a GPU: token-for-token equality with stock, agreement with the CPU, speed and KV memory.
 
-    python -m calibrate.experiments.cuda_check --schedule schedules/smollm2-135m-instruct_b0.3.json \\
+    python -m experiments.cuda_check --schedule schedules/smollm2-135m-instruct_b0.3.json \\
         --data ../shared/data/gutenberg/pg1342_pride_and_prejudice.txt --out cuda_check.json
-    python -m calibrate.experiments.cuda_check --model DIR --random-init ...   # DIR holds config and tokenizer only
+    python -m experiments.cuda_check --model DIR --random-init ...   # DIR holds config and tokenizer only
 
 1. All-ones schedule against the stock model, greedy, a left-padded batch of prompts of different lengths, in
    float32 and bfloat16 on CUDA: every generated token must be the same.
@@ -28,11 +28,11 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import runtime
+from calibrate import bench, data
+from calibrate.models import load_model
+from calibrate.schedule_spec import resolve_schedule
 from runtime.schedule import write_atomic
 
-from .. import bench, data
-from ..models import load_model
-from ..schedule_spec import resolve_schedule
 from . import check_out
 
 BENCHES = (  # schedule ("schedule": the one given; KIND:BUDGET runs in drop mode, as `calibrate bench`), dtype, ...
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("cuda_check: no CUDA device here; run it on a machine with a GPU (or --device cpu)")
     dev = torch.device(args.device)
-    from ..commands.bench import default_text, device_name
+    from calibrate.commands.bench import default_text, device_name
 
     model_cpu, tok = _model(args)
     # plain reads: the GPU machine may lack `datasets`, which data.load_texts uses
