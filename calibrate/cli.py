@@ -26,6 +26,10 @@ examples:
 """
 
 
+# what `pip install pyramidinfer[calibrate]` adds to the base (runtime) install
+EXTRA_MODULES = {"accelerate", "gguf", "datasets", "scipy", "optuna", "tqdm", "psutil", "matplotlib"}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2) that points at --help."""
 
@@ -79,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PYRAMIDINFER_DEBUG"):
             raise
         print(f"calibrate: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if os.environ.get("PYRAMIDINFER_DEBUG") or (e.name or "").split(".")[0] not in EXTRA_MODULES:
+            raise
+        print(
+            f"calibrate: error: this command needs the calibration extra (no module '{e.name}'); "
+            "install it with: pip install 'pyramidinfer[calibrate]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("calibrate: interrupted", file=sys.stderr)

@@ -282,18 +282,11 @@ def kv_fraction(cache, plan: list[tuple[bool, int | None]], prompt_tokens: int) 
 def row_kv_fractions(cache, plan: list[tuple[bool, int | None]], prompt_tokens: Sequence[int]) -> list[float]:
     """Per row: real tokens kept (valid slots, averaged over KV heads) in the compressible layers over the full
     cache of that row's prompt. Padding slots do not count."""
-    layers = [layer for layer, (compressible, _) in zip(cache.layers, plan) if compressible]
+    layers = [i for i, (compressible, _) in enumerate(plan) if compressible]
     if not layers:
         return [1.0] * len(prompt_tokens)
-    kept = sum(_kept_per_row(layer) for layer in layers) / len(layers)  # [B]
+    kept = sum(runtime.inspect.kept_per_row(cache, i) for i in layers) / len(layers)  # [B]
     return [round(float(k) / n, 6) for k, n in zip(kept.tolist(), prompt_tokens)]
-
-
-def _kept_per_row(layer) -> torch.Tensor:
-    """[B]: valid slots per KV head, averaged over the layer's heads (a layer whose heads keep different shares
-    holds one unit per head)."""
-    units = layer.units()
-    return sum(u.valid.float().sum((-2, -1)) for u in units) / sum(u.valid.shape[1] for u in units)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import runtime
+import runtime.inspect
 from runtime.schedule import Schedule, Selection, group_heads, heads_compressible, write_atomic
 
 from .allocate import equal_weight
@@ -293,21 +294,17 @@ def measure(
         for layer in range(layers):
             if not compressible[layer]:
                 continue
-            src, fut = base.layers[layer], follow.layers[layer]
+            future = runtime.inspect.recent_queries(follow, layer)
+            (stored,) = runtime.inspect.kept(follow, layer)
+            scale = runtime.inspect.attention_scale(base, layer)
             for wi, w in enumerate(windows):
                 selectable = torch.zeros(ctx_len, dtype=torch.bool)
                 selectable[sinks : ctx_len - max(w, window)] = True
                 sched = Schedule(ratios=[1.0] * layers, window=w, sinks=sinks, selection=selection)
-                probe = src.q_buf[:, :, -w:], src.q_buf_pos[:, -w:], src.q_buf_valid[:, -w:]
-                saved = src.q_buf, src.q_buf_pos, src.q_buf_valid
-                src.q_buf, src.q_buf_pos, src.q_buf_valid = probe
-                try:
-                    scores = src.scores(sched, src.scaling)
-                finally:
-                    src.q_buf, src.q_buf_pos, src.q_buf_valid = saved
+                scores = runtime.inspect.selection_scores(base, layer, sched, queries=w)
                 wanted = grid if w == window else [grid[i02]]
                 rec, ov = _attention_recall(
-                    scores, fut.q_buf, fut.q_buf_pos, fut.keys, fut.pos, selectable, src.scaling, wanted
+                    scores, future.queries, future.positions, stored.keys, stored.positions, selectable, scale, wanted
                 )
                 if w == window:
                     recall[layer] += rec / n_batches

@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import runtime
+import runtime.inspect
 from calibrate import bench, data
 from calibrate.models import load_model
 from calibrate.schedule_spec import resolve_schedule
@@ -63,8 +64,10 @@ def greedy(model, ids, mask, new_tokens: int, cache=None) -> tuple[torch.Tensor,
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
     first, cache = out.logits[:, -1].float(), out.past_key_values
-    units = [u for lay in getattr(cache, "layers", []) if hasattr(lay, "units") for u in lay.units()]
-    kept = [(u.pos.clone(), u.valid.clone()) for u in units]  # per layer, or per KV head where shares differ
+    kept = []  # per layer, or per KV head where shares differ; nothing for a stock cache
+    if isinstance(cache, runtime.PyramidCache):
+        for i in range(len(cache.layers)):
+            kept += [(u.positions.clone(), u.valid.clone()) for u in runtime.inspect.kept(cache, i)]
     tokens = [first.argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -260,19 +260,24 @@ class PyramidLayer(DynamicLayer):
                 setattr(self, name, old[:, :, -w:])  # older queries are never read again: regrow from the last w
             self._extend(name, part, self.spare)
 
-    def scores(self, schedule: Schedule, scaling: float) -> torch.Tensor:
-        """Recent-window attention over the stored slots, [B, H, T], pooled as the schedule says."""
+    def scores(self, schedule: Schedule, scaling: float, queries: int | None = None) -> torch.Tensor:
+        """Recent-window attention over the stored slots, [B, H, T], pooled as the schedule says.
+
+        queries: score with only the newest `queries` remembered queries (calibration compares window sizes)."""
         sel = schedule.selection
         if sel.method == "recent":  # StreamingLLM: the newest tokens win (sinks are protected anyway)
             return torch.cumsum(self.valid.to(torch.float32), dim=-1)
         if sel.method == "random":  # a floor for comparisons; seeded by position so runs repeat
             g = torch.sin(self.pos.to(torch.float64) * 12.9898 + 78.233) * 43758.5453
             return (g - torch.floor(g)).to(torch.float32)
-        weights = selection.query_weights(self.q_buf.shape[2], sel.query_weighting, sel.weight_max, self.device)
+        q, q_pos, q_valid = self.q_buf, self.q_buf_pos, self.q_buf_valid
+        if queries is not None:
+            q, q_pos, q_valid = q[:, :, -queries:], q_pos[:, -queries:], q_valid[:, -queries:]
+        weights = selection.query_weights(q.shape[2], sel.query_weighting, sel.weight_max, self.device)
         s = selection.recent_attention(
-            self.q_buf,
-            self.q_buf_pos,
-            self.q_buf_valid,
+            q,
+            q_pos,
+            q_valid,
             self.keys,
             self.pos,
             self.valid,
