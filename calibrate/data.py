@@ -6,10 +6,11 @@ calibration and validation windows come from disjoint parts of it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,21 +114,6 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-@dataclass
-class Windows:
-    """Token windows of `context + continuation` tokens: prefill the context, score the continuation."""
-
-    ids: torch.Tensor  # [N, context + continuation]
-    context: int
-
-    @property
-    def continuation(self) -> int:
-        return self.ids.shape[1] - self.context
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-
 def cut_windows(stream: torch.Tensor, length: int, count: int, seed: int = 0) -> torch.Tensor:
     """`count` non-overlapping windows of `length` tokens, spread evenly over the stream (seeded offset)."""
     slots = stream.numel() // length
@@ -191,3 +177,38 @@ def held_out(specs: list[str | os.PathLike], seen: list[str | os.PathLike]) -> t
     used = {f.resolve() for spec in seen for f in files(spec)}
     candidates = [f for spec in specs for f in files(spec)]
     return [f for f in candidates if f.resolve() not in used], [f for f in candidates if f.resolve() in used]
+
+
+class CalibrationSet:
+    """Calibration and validation examples cut from the user's text, plus generated retrieval tasks."""
+
+    def __init__(self, tokenizer, settings):
+        from . import tasks
+
+        s = settings
+        if s.data:  # one stream per source, so that every source is in both the calibration and validation sets
+            streams = [token_stream(tokenizer, load_texts([d], s.text_field)) for d in s.data]
+            self.source = list(s.data)
+        else:
+            streams = [token_stream(tokenizer, [tasks.filler_text(12000, seed=s.seed)])]
+            self.source = ["generated filler"]
+        stream = torch.cat(streams)
+        length = s.context_length + s.continuation
+        calib, valid = calibration_split_each(streams, length, s.calib_windows, s.valid_windows, s.seed)
+        self.calib_text = tasks.text_examples(calib, s.context_length)
+        self.valid_text = tasks.text_examples(valid, s.context_length)
+        self.calib_tasks = tasks.make_tasks(tokenizer, s.calib_tasks, s.context_length, s.task_continuation, s.seed)
+        self.valid_tasks = tasks.make_tasks(
+            tokenizer, s.valid_tasks, s.context_length, s.task_continuation, s.seed + 7919
+        )
+        self.tokens = int(stream.numel())
+        self.digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:12]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sources": self.source,
+            "tokens": self.tokens,
+            "sha256": self.digest,
+            "calibration": {"text_windows": len(self.calib_text), "tasks": len(self.calib_tasks)},
+            "validation": {"text_windows": len(self.valid_text), "tasks": len(self.valid_tasks)},
+        }

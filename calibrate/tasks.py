@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from .evaluator import Example
+from .scoring import Example
 
 NAMES = [
     "Ada", "Basil", "Clara", "Dorian", "Edith", "Felix", "Greta", "Hugo", "Iris", "Jonas", "Kira", "Lionel",

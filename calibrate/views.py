@@ -5,7 +5,7 @@ matplotlib Figure built without pyplot (no global state, any backend); `show` tu
 notebook. Artifact lookups (`find_*`) return None when nothing is there, so a notebook can say what is missing.
 
     from calibrate import views
-    from calibrate.profile import Profile
+    from calibrate.profiling import Profile
     fig = views.recall_heatmap(Profile.load("schedules/smollm2-135m-instruct_b0.3"))
     views.show(fig)
 """

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from calibrate.errors import CalibrateError
-from calibrate.pipeline import check_writable
+from calibrate.settings import check_writable
 
 
 def check_out(out: str | None) -> None:

@@ -25,11 +25,12 @@ import argparse
 import json
 import sys
 
-from calibrate import data, evaluator, tasks
+from calibrate import data, tasks
+from calibrate import scoring as evaluator
 from calibrate.allocate import mean_ratio_at, water_fill, water_fill_heads
 from calibrate.models import load_model
-from calibrate.pipeline import Progress
-from calibrate.profile import GRID, single_layer_kl
+from calibrate.profiling import GRID, single_layer_kl
+from calibrate.progress import Progress
 from runtime.families import model_info
 from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import Schedule, load_schedule, write_atomic

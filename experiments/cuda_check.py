@@ -29,7 +29,8 @@ from transformers.cache_utils import DynamicCache
 
 import runtime
 import runtime.inspect
-from calibrate import bench, data
+from calibrate import benchmark as bench
+from calibrate import data
 from calibrate.models import load_model
 from calibrate.schedule_spec import resolve_schedule
 from runtime.schedule import write_atomic

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from calibrate import data, evaluator, tasks
+from calibrate import data, tasks
+from calibrate import scoring as evaluator
 from calibrate.models import load_model
 from calibrate.paths import shared_data
 from runtime.families import model_info

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from calibrate import data, evaluator, tasks
+from calibrate import data, tasks
+from calibrate import scoring as evaluator
 from calibrate.models import load_model
 from calibrate.paths import shared_data
 from runtime.reference import at_budget

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import selection
-from .schedule import Schedule, kept_tokens
+from .schedule import Schedule, describe, kept_tokens
 
 
 @dataclass
@@ -607,8 +607,18 @@ class PyramidCache(Cache):
         return [layer.stored() for layer in self.layers]
 
 
+def _expect_cache(cache: object, caller: str) -> None:
+    # anything without cache layers used to count as 0 bytes: a wrong argument read as an empty cache
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"runtime.{caller}: expected a transformers Cache (such as a PyramidCache), got {describe(cache)}; pass "
+            "out.past_key_values from model.generate(..., return_dict_in_generate=True) or from a model(...) call"
+        )
+
+
 def kv_bytes(cache: Cache) -> int:
     """Bytes the cache really holds in keys and values, spare room included (any transformers Cache)."""
+    _expect_cache(cache, "kv_bytes")
     total = 0
     for layer in getattr(cache, "layers", []):
         if isinstance(layer, AnyLayer):
@@ -622,5 +632,6 @@ def kv_bytes(cache: Cache) -> int:
 
 def cache_bytes(cache: Cache) -> int:
     """All bytes the cache holds: keys, values and our per-slot bookkeeping (positions, validity, recent queries)."""
+    _expect_cache(cache, "cache_bytes")
     extra = sum(layer.bookkeeping_nbytes() for layer in getattr(cache, "layers", []) if isinstance(layer, AnyLayer))
     return kv_bytes(cache) + extra

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .schedule import ModelInfo, ScheduleError, config_fingerprint
+from .schedule import ModelInfo, ScheduleError, config_fingerprint, show_value
 
 FAMILIES = {
     "llama": "Llama",
@@ -85,6 +85,6 @@ def check_schedule_fits(model: nn.Module, schedule) -> None:
     m = schedule.model
     if m is not None and m.fingerprint != config_fingerprint(cfg):
         raise ScheduleError(
-            f"schedule was calibrated for '{m.name}' (fingerprint {m.fingerprint}), not for this model "
-            f"(fingerprint {config_fingerprint(cfg)}); calibrate one for it with calibrate run --model ..."
+            f"schedule was calibrated for {show_value(m.name)} (fingerprint {show_value(m.fingerprint)}), not for this "
+            f"model (fingerprint '{config_fingerprint(cfg)}'); calibrate one for it with calibrate run --model ..."
         )

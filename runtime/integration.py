@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -13,7 +14,7 @@ from transformers.cache_utils import DynamicCache
 from . import attention
 from .cache import PyramidCache
 from .families import check_schedule_fits, check_supported, decoder_layers, layer_plan
-from .schedule import Schedule
+from .schedule import Schedule, describe, load_schedule
 
 _IMPLEMENTATIONS = {"sdpa": attention.SDPA, "eager": attention.EAGER}
 
@@ -23,12 +24,21 @@ def new_cache(model: nn.Module, schedule: Schedule) -> PyramidCache:
 
 
 @contextlib.contextmanager
-def apply(model: nn.Module, schedule: Schedule, attn: str = "sdpa") -> Iterator[nn.Module]:
+def apply(model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = "sdpa") -> Iterator[nn.Module]:
     """Make `model` keep, in each layer, only the share of the KV cache that `schedule` allows.
 
-    Inside the block, `model.generate(...)` and plain `model(...)` calls use a `PyramidCache`; on exit the model is
-    exactly as it was (attention implementation, forward, hooks).
+    `schedule` is a `runtime.Schedule` or the path of a schedule file (read with `runtime.load_schedule`, so a bad
+    file raises ScheduleError); anything else raises TypeError. Inside the block, `model.generate(...)` and plain
+    `model(...)` calls use a `PyramidCache`; on exit the model is exactly as it was (attention implementation,
+    forward, hooks).
     """
+    if isinstance(schedule, (str, os.PathLike)):
+        schedule = load_schedule(schedule)
+    elif not isinstance(schedule, Schedule):
+        raise TypeError(
+            f"runtime.apply: schedule must be a runtime.Schedule or a path to a schedule file, got "
+            f"{describe(schedule)}; load one with runtime.load_schedule(path)"
+        )
     check_supported(model)
     check_schedule_fits(model, schedule)
     if attn not in _IMPLEMENTATIONS:

@@ -6,16 +6,21 @@ validated and a bad file fails with one line that names the field and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
 FORMAT_VERSION = 1
 
@@ -176,13 +181,18 @@ def group_heads(flat: Sequence[Any], heads: int) -> list[list[Any]]:
     return [list(flat[i : i + heads]) for i in range(0, len(flat), heads)]
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (text or bytes) to `path` so that readers see the old file or the whole new one, never a part:
+    a temporary file in the same folder, synced, then renamed over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -198,8 +208,47 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
 # ---------------------------------------------------------------- validation
 
 
-def _fail(field_name: str, problem: str, fix: str) -> None:
-    raise ScheduleError(f"schedule field '{field_name}': {problem}; {fix}")
+def _fail(field_name: str, problem: str, fix: str) -> NoReturn:
+    where = f"schedule field '{field_name}'" if field_name else "schedule"
+    raise ScheduleError(f"{where}: {problem}; {fix}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a schedule
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_value(value: Any) -> str:
+    """A JSON value as an error message quotes it: short, on one line, in JSON's words (true, null)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int) and value.bit_length() > 64:  # str() of a huge int is slow, even refused
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    if isinstance(value, dict):
+        return "an object"
+    return _clip(repr(value))  # repr escapes newlines and unprintable characters
+
+
+def describe(value: Any) -> str:
+    """A Python argument and its type for a one-line error: "int 3", "str 'abc'", "a LlamaForCausalLM"."""
+    if value is None:
+        return "None"
+    try:
+        text = repr(value)
+    except Exception:  # any object may be passed; its repr must not turn one error into another
+        text = ""
+    if not text or len(text) > 40 or not text.isprintable():
+        return f"a {type(value).__name__}"
+    return f"{type(value).__name__} {text}"
 
 
 def validate(s: Schedule) -> None:
@@ -232,7 +281,7 @@ def validate(s: Schedule) -> None:
         _fail("selection", "or decode is not an object", "give JSON objects for selection and decode")
     if s.prefill_mode not in ("evict", "drop"):
         _fail("prefill_mode", f"{s.prefill_mode!r} is unknown", "use 'evict' or 'drop'")
-    if s.budget is not None and (not isinstance(s.budget, (int, float)) or isinstance(s.budget, bool)):
+    if s.budget is not None and not _is_number(s.budget):
         _fail("budget", f"{s.budget!r} is not a number", "use a mean KV fraction in (0, 1] or null")
     if s.budget is not None and not (math.isfinite(s.budget) and 0.0 < s.budget <= 1.0):
         _fail("budget", f"{s.budget} is outside (0, 1]", "use a mean KV fraction in (0, 1]")
@@ -243,14 +292,14 @@ def validate(s: Schedule) -> None:
         _fail("selection.query_weighting", f"{sel.query_weighting!r} is unknown", "use 'uniform' or 'linear'")
     if sel.pooling not in ("none", "avg", "max"):
         _fail("selection.pooling", f"{sel.pooling!r} is unknown", "use 'none', 'avg' or 'max'")
-    if not isinstance(sel.pool_kernel, int) or sel.pool_kernel < 1 or sel.pool_kernel % 2 == 0:
+    if not _is_int(sel.pool_kernel) or sel.pool_kernel < 1 or sel.pool_kernel % 2 == 0:
         _fail("selection.pool_kernel", f"{sel.pool_kernel!r} is not an odd positive integer", "use 1, 3, 5, 7...")
-    if not (math.isfinite(sel.weight_max) and sel.weight_max > 0):
-        _fail("selection.weight_max", f"{sel.weight_max} is not a positive number", "use e.g. 1.2")
-    if not isinstance(s.decode.interval, int) or s.decode.interval < 1:
+    if not (_is_number(sel.weight_max) and math.isfinite(sel.weight_max) and sel.weight_max > 0):
+        _fail("selection.weight_max", f"{show_value(sel.weight_max)} is not a positive number", "use e.g. 1.2")
+    if not _is_int(s.decode.interval) or s.decode.interval < 1:
         _fail("decode.interval", f"{s.decode.interval!r} is not a positive integer", "use e.g. 32")
     cap = s.decode.max_tokens
-    if cap is not None and (not isinstance(cap, int) or cap < s.sinks + s.window + 1):
+    if cap is not None and (not _is_int(cap) or cap < s.sinks + s.window + 1):
         _fail(
             "decode.max_tokens",
             f"{cap!r} is below sinks + window + 1 = {s.sinks + s.window + 1}",
@@ -260,10 +309,13 @@ def validate(s: Schedule) -> None:
         _validate_head_ratios(s)
     m = s.model
     if m is not None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):  # checked first: the comparisons below need them
+            if not _is_int(getattr(m, name)) or getattr(m, name) < 1:
+                _fail(f"model.{name}", f"{show_value(getattr(m, name))} is not a positive integer", "use e.g. 30")
         if m.num_layers != len(s.ratios):
             _fail(
                 "ratios",
-                f"has {len(s.ratios)} entries but model '{m.name}' has {m.num_layers} layers",
+                f"has {len(s.ratios)} entries but model {show_value(m.name)} has {m.num_layers} layers",
                 "give one ratio per layer",
             )
         if m.compressible is not None and len(m.compressible) != m.num_layers:
@@ -271,15 +323,14 @@ def validate(s: Schedule) -> None:
         if s.head_ratios is not None and any(len(row) != m.num_kv_heads for row in s.head_ratios):
             _fail(
                 "head_ratios",
-                f"needs {m.num_kv_heads} shares per layer for model '{m.name}'",
+                f"needs {m.num_kv_heads} shares per layer for model {show_value(m.name)}",
                 "give one share per KV head, or remove head_ratios",
             )
 
 
 def _check_head_ratios_shape(rows: Any) -> None:
     if not isinstance(rows, list) or not all(
-        isinstance(row, list) and row and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in row)
-        for row in rows
+        isinstance(row, list) and row and all(_is_number(r) for r in row) for row in rows
     ):
         _fail("head_ratios", "is not a list of lists of numbers", "give one list of per-KV-head shares per layer")
 
@@ -306,70 +357,283 @@ def _validate_head_ratios(s: Schedule) -> None:
 
 # ---------------------------------------------------------------- loading
 
+MAX_FILE_BYTES = 16 * 2**20  # a schedule is a few KiB of JSON: anything larger is the wrong file
+_MAX_INT = 2**53  # larger counts are never meant, and the token arithmetic (floats) would lose them
+_MAX_DIGITS = 100  # longer integer literals are not converted at all: int() of a huge string is slow or refused
+_TOO_LARGE = "use a number of a sensible size (at most 2**53)"
 
-def _build(cls: type, data: Any, where: str) -> Any:
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """Stands in for a JSON value that is not data we accept (NaN, 1e400, a 5000-digit integer, an object with a
+    repeated key) until the walk over the document can name the field it sits in."""
+
+    problem: str
+    fix: str
+
+
+def _parse_int(text: str) -> int | _Unreadable:
+    if len(text) > _MAX_DIGITS:
+        return _Unreadable(f"an integer of {len(text.lstrip('-'))} digits is too large", _TOO_LARGE)
+    return int(text)
+
+
+def _parse_float(text: str) -> float | _Unreadable:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: json would silently make it inf
+        return _Unreadable(f"{_clip(text)} is not a finite number", "use a finite number")
+    return value
+
+
+def _parse_constant(name: str) -> _Unreadable:
+    return _Unreadable(f"non-finite value {name} is not allowed", "use a finite number, e.g. a ratio in (0, 1]")
+
+
+def _parse_object(pairs: list[tuple[str, Any]]) -> dict[str, Any] | _Unreadable:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):  # json would silently keep the last one
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return _Unreadable(f"has the key {show_value(twice)} twice", "keep only one of them")
+    return obj
+
+
+def _reject_unreadable(data: Any) -> None:
+    """Fail on the first value in document order that json parsed but we do not accept, naming its field.
+
+    Iterative, not recursive: a document may nest as deep as the JSON parser allows.
+    """
+    stack = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _Unreadable):
+            _fail(where, value.problem, value.fix)
+        if isinstance(value, str) and not _is_text(value):
+            _fail(where, "contains an unpaired surrogate escape (e.g. \\ud800)", "write valid Unicode text")
+        if isinstance(value, dict):
+            for key in value:
+                if not _is_text(key):
+                    _fail(where, "has a key with an unpaired surrogate escape (e.g. \\ud800)", "write valid Unicode")
+            stack.extend(reversed([(_key(where, k), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+
+
+def _is_text(s: str) -> bool:
+    """Whether `s` is real Unicode: JSON escapes can spell lone surrogates, which cannot even be printed."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# What a field of each type must be in JSON, and how to write it. No coercion: "30" is no integer, 1 is no boolean.
+_NOUNS = {bool: ("true or false", "true/false values"), int: ("an integer", "integers"), float: ("a number", "numbers")}
+_NOUNS |= {str: ("a string", "strings"), dict: ("an object", "objects"), list: ("a list", "lists")}
+_FIXES = {
+    bool: "write true or false, without quotes",
+    int: "write a whole number, without quotes or a decimal point",
+    float: "write a number, without quotes",
+    str: "write text in double quotes",
+    dict: "write a JSON object",
+    list: "write a JSON list",
+}
+
+
+def _base(hint: Any) -> Any:
+    """The JSON kind of an annotation: bool, int, float, str, list or dict (dataclasses and Literal included)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return str  # which strings are allowed is validate()'s business
+    if origin in (list, dict):
+        return origin
+    return dict if dataclasses.is_dataclass(hint) else hint
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """`X | None` as (X, True); any other annotation as (it, False)."""
+    if get_origin(hint) in (Union, UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _noun(hint: Any, plural: bool = False) -> str:
+    hint, optional = _optional(hint)
+    if get_origin(hint) is list:
+        words = f"{'lists' if plural else 'a list'} of {_noun(get_args(hint)[0], plural=True)}"
+    else:
+        words = _NOUNS[_base(hint)][plural]
+    return f"{words} or null" if optional else words
+
+
+def _misfit(value: Any, hint: Any, where: str) -> tuple[str, Any, Any] | None:
+    """The first (path, value, annotation) inside `value` that is not of type `hint`, or None if all fit.
+
+    Numbers beyond 2**53 fail here at once: they have the right type but can only be a mistake.
+    """
+    hint, optional = _optional(hint)
+    if value is None and optional:
+        return None
+    kind = _base(hint)
+    fits = {
+        bool: isinstance(value, bool),
+        int: _is_int(value),
+        float: _is_number(value),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+        dict: isinstance(value, dict),
+    }.get(kind)
+    if fits is None:
+        if hint is Any:
+            return None
+        raise TypeError(f"schedule fields of type {hint} cannot be read from JSON yet")  # a new field type
+    if not fits:
+        return where, value, hint
+    if kind in (int, float) and abs(value) > _MAX_INT:
+        _fail(where, f"{show_value(value)} is too large", _TOO_LARGE)
+    if kind is list:
+        for i, item in enumerate(value):
+            if bad := _misfit(item, get_args(hint)[0], f"{where}[{i}]"):
+                return bad
+    return None
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """Fail unless the JSON `value` of field `where` has the type its annotation `hint` asks for."""
+    if bad := _misfit(value, hint, where):
+        path, item, item_hint = bad
+        fix = _FIXES[_base(_optional(item_hint)[0])]
+        if path == where:
+            _fail(where, f"{show_value(item)} is not {_noun(hint)}", fix)
+        _fail(where, f"is not {_noun(hint)}: {path} is {show_value(item)}", fix)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _key(where: str, key: Any) -> str:
+    """The path of `key` inside `where`: selection.pooling, or provenance["odd key"] for keys that are no names
+    (quoted, so that a key with a newline cannot break the one-line message)."""
+    if isinstance(key, str) and key.isidentifier() and key.isascii():
+        return f"{where}.{key}" if where else key
+    return f"{where}[{json.dumps(key) if isinstance(key, str) else show_value(key)}]"
+
+
+@contextlib.contextmanager
+def _last_resort(where: str) -> Iterator[None]:
+    """A failure nobody foresaw while reading field `where` still comes out as a ScheduleError naming it."""
+    try:
+        yield
+    except ScheduleError:
+        raise
+    except Exception as e:
+        text = _clip(" ".join(str(e).split()), 120)
+        _fail(where, f"cannot be read ({type(e).__name__}: {text})", "fix the field or re-create the schedule")
+
+
+def _fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """The fields of dataclass `cls` from the JSON object `data`: known keys only, required ones present, each
+    value of its annotated type, nested dataclasses built."""
     if not isinstance(data, dict):
-        _fail(where, f"expected an object, got {type(data).__name__}", "see Schedule in runtime/schedule.py")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
         _fail(
-            f"{where}.{unknown[0]}" if where else unknown[0],
-            "is not a known field",
-            f"remove it (known: {', '.join(sorted(known))})",
+            where,
+            f"expected an object, got {show_value(data)}",
+            f"give a JSON object with the fields of {cls.__name__}",
         )
-    return data
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            _fail(_key(where, key), "is not a known field", f"remove it (known: {', '.join(sorted(fields))})")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        names = ", ".join(f"'{name}'" for name in missing)
+        _fail(
+            where,
+            f"lacks {names}",
+            f"add {'it' if len(missing) == 1 else 'them'} (see {cls.__name__} in runtime/schedule.py)",
+        )
+    values = {}
+    for name, value in data.items():
+        path, (hint, _) = _key(where, name), _optional(_hints(cls)[name])
+        with _last_resort(path):
+            if dataclasses.is_dataclass(hint) and value is not None:
+                values[name] = hint(**_fields(hint, value, path))
+            else:
+                _check_type(value, _hints(cls)[name], path)
+                values[name] = value
+    return values
 
 
 def from_dict(data: Any) -> Schedule:
-    data = dict(_build(Schedule, data, ""))
-    version = data.get("format_version", None)
-    if version != FORMAT_VERSION:
-        _fail(
-            "format_version",
-            f"version {version!r} is not supported",
-            f"re-create the schedule with this pyramidinfer (format {FORMAT_VERSION})",
-        )
-    if "ratios" not in data:
-        _fail("ratios", "is missing", "give one retention ratio per layer")
-    if not isinstance(data["ratios"], list) or not all(
-        isinstance(r, (int, float)) and not isinstance(r, bool) for r in data["ratios"]
-    ):
-        _fail("ratios", "is not a list of numbers", "give one retention ratio per layer")
-    for key in ("selection", "decode"):
-        if key in data and data[key] is None:
-            _fail(key, "is null", "remove it to use the defaults, or give an object")
-    for key, cls in (("selection", Selection), ("decode", Decode), ("model", ModelInfo)):
-        if data.get(key) is not None:
-            try:
-                data[key] = cls(**_build(cls, data[key], key))
-            except TypeError as e:
-                _fail(key, str(e), "see runtime/schedule.py for the fields")
-    try:
-        return Schedule(**data)
-    except TypeError as e:
-        _fail("schedule", str(e), "see runtime/schedule.py for the fields")
-        raise  # unreachable
+    """A schedule from its parsed JSON; anything that does not fit is a one-line ScheduleError naming the field."""
+    if isinstance(data, dict):  # first: a newer file should say so, not fail on the fields it added
+        version = data.get("format_version")
+        if "format_version" not in data or not _is_int(version) or version != FORMAT_VERSION:
+            _fail(
+                "format_version",
+                "is missing" if "format_version" not in data else f"version {show_value(version)} is not supported",
+                f"re-create the schedule with this pyramidinfer (format {FORMAT_VERSION})",
+            )
+    with _last_resort(""):
+        return Schedule(**_fields(Schedule, data, ""))
 
 
 def load_schedule(path: str | os.PathLike) -> Schedule:
-    """Read and validate a schedule file (JSON; never executed)."""
+    """Read and validate a schedule file: UTF-8 JSON of at most 16 MiB, parsed as data (never executed)."""
     p = Path(path)
+    text = _read_text(p)
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise ScheduleError(f"cannot read schedule '{p}': {e.strerror}; check the path") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+            object_pairs_hook=_parse_object,
+        )
     except json.JSONDecodeError as e:
-        raise ScheduleError(f"schedule '{p}' is not valid JSON (line {e.lineno}): fix or re-create the file") from None
-    except ValueError as e:
-        raise ScheduleError(f"schedule '{p}': {e}") from None
+        where = f"line {e.lineno}): {e.msg} at column {e.colno}"
+        raise ScheduleError(f"schedule '{p}' is not valid JSON ({where}; fix or re-create the file") from None
+    except RecursionError:
+        raise ScheduleError(f"schedule '{p}' nests too deeply to be a schedule; check the path") from None
+    _reject_unreadable(data)
     return from_dict(data)
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"non-finite value {name} is not allowed; use a ratio in (0, 1]")
+def _read_text(p: Path) -> str:
+    """The file's text, read with a bound: a FIFO, /dev/zero or a huge file fails at once instead of hanging."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat of the opened file then rejects it (no race)
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise ScheduleError(f"cannot read schedule '{p}': it is {kind}; give the path of a schedule .json file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ScheduleError(f"cannot read schedule '{p}': {e.strerror or e}; check the path") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ScheduleError(
+            f"schedule '{p}' is larger than {MAX_FILE_BYTES // 2**20} MiB, too large for a schedule; check the path"
+        )
+    try:
+        return raw.decode("utf-8-sig")  # strict UTF-8; a leading byte order mark (some editors write one) is no data
+    except UnicodeDecodeError as e:
+        raise ScheduleError(
+            f"schedule '{p}' is not a schedule file (not UTF-8 text/JSON: byte {e.start}); "
+            "give the .json file that calibrate wrote"
+        ) from None
 
 
 # ---------------------------------------------------------------- model identity

@@ -56,8 +56,8 @@ def test_per_head_allocation_and_its_predicted_kl():
     """The `heads` shape water-fills over every KV head; the schedule meets the budget and selects per head."""
     import torch
 
-    from calibrate.profile import Profile
-    from calibrate.search import HEADS, Space
+    from calibrate.profiling import Profile
+    from calibrate.search_space import HEADS, Space
     from runtime.schedule import ModelInfo, Selection
 
     head_parts = torch.tensor([[[[1.0, 0.5], [0.01, 0.005]], [[0.02, 0.01], [0.01, 0.005]]]])  # [K=1, L=2, H=2, G]

@@ -16,7 +16,7 @@ import torch
 
 import runtime
 from calibrate.cli import main
-from calibrate.profile import Profile
+from calibrate.profiling import Profile
 from runtime.reference import at_budget
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

@@ -1,4 +1,4 @@
-"""`calibrate eval` and calibrate.evaluate on tiny random models (no real model needed, a few seconds each)."""
+"""`calibrate eval` and calibrate.evaluation on tiny random models (no real model needed, a few seconds each)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import torch
 from tiny_models import tiny_model
 
 import runtime
-from calibrate import evaluate as ev
+from calibrate import evaluation as ev
 from calibrate.cli import main
+from calibrate.scoring import Evaluator
+from calibrate.tasks import text_examples
 from runtime.reference import at_budget, uniform
 
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -150,7 +152,7 @@ def test_padded_batch_equals_each_prompt_alone(mode, after, per_head):
         alone_new, alone_nll, alone_kv = outputs(
             ev.Prefix(model, [row]), None if extra is None else extra[i], [answers[i]]
         )
-        assert new[i] == ev._cut(alone_new[0], eos, [12, 9, 12][i]), f"row {i}"
+        assert new[i] == ev.cut_at_eos(alone_new[0], eos, [12, 9, 12][i]), f"row {i}"
         assert nll[i] == pytest.approx(alone_nll[0], rel=1e-4, abs=1e-5)
         assert kv[i] == pytest.approx(alone_kv[0])
 
@@ -173,13 +175,40 @@ def test_lm_task_matches_the_evaluator():
     task = ev.LMTask(model, None, settings, windows=windows)
     sched = at_budget("uniform", 4, 0.4, prompt_tokens=128, window=16)
     records = task.run_all(sched)
-    scores = task.evaluator.score(sched)
-    assert [r["kl"] for r in records] == pytest.approx(scores.per_example_kl, rel=1e-5)
+    batches = []
+    scores = task.evaluator.score(sched, on_batch=lambda done, kl: batches.append((done, kl)))
+    assert [r["kl"] for r in records] == scores.per_example_kl  # one code path: the same numbers, not just close
     assert sum(r["nll"] for r in records) / 3 == pytest.approx(scores.nll, rel=1e-5)
+    assert [done for done, _ in batches] == [1, 2] and batches[-1][1] == scores.kl  # windows 2 + 1
+    assert batches[0][1] == pytest.approx(sum(r["kl"] for r in records[:2]) / 2, rel=1e-5)
     full = task.run_all(None)
     assert all(abs(r["kl"]) < 1e-6 and r["kv_fraction"] == 1.0 for r in full)
     drop = task.run_all(at_budget("uniform", 4, 0.4, prompt_tokens=128, window=16, prefill_mode="drop"))
     assert all(r["kl"] > 0 and r["kv_fraction"] == pytest.approx(0.4, abs=0.01) for r in drop)
+
+
+def test_evaluator_rows_in_drop_mode_equal_a_prefill_under_the_schedule():
+    """`Evaluator.rows` in drop mode scores what a plain prefill under the schedule gives, against the full cache."""
+    model = tiny_model("llama")
+    windows = torch.randint(3, 128, (2, 160), generator=torch.Generator().manual_seed(4))
+    evaluator = Evaluator(model, text_examples(windows, 128), batch_size=2)
+    sched = at_budget("pyramidkv", 4, 0.4, prompt_tokens=128, window=16, prefill_mode="drop")
+    rows = evaluator.rows(sched, prefill_mode="drop", measure_kv=True)
+    with torch.inference_mode():
+        full = torch.log_softmax(model(windows).logits[:, 128:].float(), -1)
+        with runtime.apply(model, sched):
+            cache = model(windows[:, :128]).cache
+            kept = ev.row_kv_fractions(cache, runtime.families.layer_plan(model), [128, 128])
+            ours = torch.log_softmax(model(windows[:, 128:], cache=cache).logits.float(), -1)
+    for i, row in enumerate(rows):
+        lp, rp, targets = ours[i, :-1], full[i, :-1], windows[i, 129:]
+        kl = (rp.exp() * (rp - lp)).sum(-1)
+        nll = -lp.gather(-1, targets[:, None])[:, 0]
+        assert row.index == i and row.correct is None and row.kv_fraction == kept[i]
+        torch.testing.assert_close(row.kl, kl, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(row.nll, nll, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_mode"):
+        evaluator.rows(sched, prefill_mode="prefill")
 
 
 # ---------------------------------------------------------------- the command, end to end on a tiny model

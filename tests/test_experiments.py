@@ -72,7 +72,8 @@ def test_evaluator_scores_per_head_shares():
     """What calibration scores: a fork of the prefilled cache under `head_ratios`, each head holding its own count."""
     from tiny_models import tiny_model
 
-    from calibrate import evaluator, tasks
+    from calibrate import scoring as evaluator
+    from calibrate import tasks
     from runtime.cache import RaggedLayer
     from runtime.families import model_info
     from runtime.reference import at_budget

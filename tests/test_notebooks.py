@@ -21,7 +21,7 @@ pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
 from calibrate import views  # noqa: E402
-from calibrate.profile import Profile  # noqa: E402
+from calibrate.profiling import Profile  # noqa: E402
 from runtime.schedule import load_schedule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -91,7 +91,7 @@ def test_fork_of_a_compressed_ragged_cache_continues_like_the_original():
 def test_measured_kv_fraction_counts_each_heads_tokens():
     """`calibrate eval` measures a schedule's KV fraction from the cache: with uneven heads it is the mean over
     heads of what each one holds, per row of a padded batch."""
-    from calibrate.evaluate import row_kv_fractions
+    from calibrate.evaluation import row_kv_fractions
 
     model = tiny_model("llama", kv_heads=2)
     sched = head_schedule(layer_heads(model))

@@ -22,7 +22,7 @@ the measured peak KV bytes per row (default limit: what the stock cache needs at
 
 
 def add_parser(subparsers):
-    from ..pipeline import DEVICE_MAP_HELP
+    from ..options import DEVICE_MAP_HELP
 
     p = subparsers.add_parser(
         "bench",
@@ -54,9 +54,11 @@ def run(args) -> int:
 
     from runtime.schedule import ScheduleError, write_atomic
 
-    from .. import bench, data
+    from .. import benchmark as bench
+    from .. import data
     from ..models import load_model
     from ..schedule_spec import resolve_schedule
+    from ..settings import check_positions
 
     for name in ("batch", "context", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
@@ -64,12 +66,8 @@ def run(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
-    limit = model.config.max_position_embeddings
-    if args.context + args.new_tokens > limit:
-        raise ScheduleError(
-            f"--context {args.context} + --new-tokens {args.new_tokens} exceeds the model's {limit} positions; "
-            "use a shorter context"
-        )
+    check_positions(model, args.context + args.new_tokens, f"--context {args.context} + --new-tokens "
+                    f"{args.new_tokens}", "use a shorter --context")  # fmt: skip
     schedule = resolve_schedule(args.schedule, model, args.context)
     if args.mode or ":" in args.schedule:
         schedule = dataclasses.replace(schedule, prefill_mode=args.mode or "drop")

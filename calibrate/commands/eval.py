@@ -43,7 +43,7 @@ overrides the preset.
 
 
 def _floats(text: str, what: str) -> list[float]:
-    from ..evaluate import EvalError
+    from ..evaluation import EvalError
 
     out = []
     for part in text.split(","):
@@ -60,7 +60,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
-    from ..evaluate import EvalError
+    from ..evaluation import EvalError
 
     values = _floats(text, what)
     if any(v != int(v) or v < 0 for v in values):
@@ -73,7 +73,7 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(subparsers):
-    from ..pipeline import DEVICE_MAP_HELP
+    from ..options import DEVICE_MAP_HELP
 
     p = subparsers.add_parser(
         "eval",
@@ -135,7 +135,7 @@ def add_parser(subparsers):
 def settings_from(args):
     from pathlib import Path
 
-    from ..evaluate import EvalError, Settings
+    from ..evaluation import EvalError, Settings
 
     over = {}
     if args.data_dir:
@@ -178,10 +178,10 @@ def run(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .. import evaluate as ev
+    from .. import evaluation as ev
     from .. import report
     from ..models import load_model, resolve
-    from ..pipeline import set_threads
+    from ..options import set_threads
 
     started = time.time()
     command = shlex.join(["calibrate", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else "calibrate eval"

@@ -30,6 +30,15 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..pipeline import export_command
+    from pathlib import Path
 
-    return export_command(args)
+    from ..settings import budget_out, check_writable
+    from ..study import Study, check_storage_exists
+
+    check_storage_exists(args.storage)
+    study = Study(args.storage, args.study_name)
+    out = Path(args.out) if args.out else study.out
+    for b in study.budgets:
+        check_writable(budget_out(out, b, study.multi))
+    study.export(out)
+    return 0

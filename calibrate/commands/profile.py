@@ -18,7 +18,7 @@ later 'calibrate search' with the same --out will write.
 
 
 def add_parser(subparsers):
-    from ..pipeline import add_common_args
+    from ..options import add_calibration_args
 
     p = subparsers.add_parser(
         "profile",
@@ -27,12 +27,26 @@ def add_parser(subparsers):
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_common_args(p)
+    add_calibration_args(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..pipeline import run_command
+    import time
 
-    return run_command(args, do_profile=True, do_search=False)
+    from .. import job as steps
+    from ..profile_store import load_or_measure
+    from ..progress import Progress
+
+    job = steps.prepare(args, search=False)
+    model, data = steps.load(job)
+    progress = Progress()
+    try:
+        prof = load_or_measure(model, job.settings, data, job.stem, progress)
+    finally:
+        progress.close()
+    print(prof.table())
+    print(f"profile: {job.stem}.profile.json / .profile.safetensors")
+    print(f"done in {time.time() - job.started:.0f} s")
+    return 0

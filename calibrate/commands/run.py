@@ -23,7 +23,7 @@ same command resumes an interrupted search without losing finished trials.
 
 
 def add_parser(subparsers):
-    from ..pipeline import add_common_args, add_search_args
+    from ..options import add_calibration_args, add_search_args
 
     p = subparsers.add_parser(
         "run",
@@ -32,13 +32,40 @@ def add_parser(subparsers):
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_common_args(p)
+    add_calibration_args(p)
     add_search_args(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..pipeline import run_command
+    import time
 
-    return run_command(args)
+    from .. import job as steps
+    from ..profile_store import load_or_measure
+    from ..progress import Progress
+    from ..study import check_storage, storage_url
+
+    job = steps.prepare(args, search=True)
+    storage = None if args.no_search else storage_url(args.storage, job.out)
+    if storage:
+        check_storage(storage)
+    warm = [] if args.no_search else steps.warm_start_params(args.warm_start)
+    trials = steps.trials_from_args(args)
+    model, data = steps.load(job)
+    progress = Progress()
+    try:
+        prof = load_or_measure(model, job.settings, data, job.stem, progress)
+        progress.close()
+        print(prof.table())
+        print(f"profile: {job.stem}.profile.json / .profile.safetensors")
+        if args.no_search:
+            from runtime.families import model_info
+
+            steps.water_fill(job, prof, model_info(model, name=job.label), data)
+        else:
+            steps.search_and_export(job, model, data, prof, storage, args.study_name, trials, warm, progress)
+    finally:
+        progress.close()
+    print(f"done in {time.time() - job.started:.0f} s")
+    return 0

@@ -17,7 +17,7 @@ Reads the profile saved beside --out; give the same data and settings as the pro
 
 
 def add_parser(subparsers):
-    from ..pipeline import add_common_args, add_search_args
+    from ..options import add_calibration_args, add_search_args
 
     p = subparsers.add_parser(
         "search",
@@ -26,13 +26,37 @@ def add_parser(subparsers):
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_common_args(p)
+    add_calibration_args(p)
     add_search_args(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..pipeline import run_command
+    import time
 
-    return run_command(args, do_profile=False, do_search=True)
+    from .. import job as steps
+    from ..profile_store import require_profile
+    from ..progress import Progress
+    from ..study import check_storage, storage_url
+
+    job = steps.prepare(args, search=True)
+    prof = require_profile(job.stem, job.settings)  # before the model loads: a wrong profile fails in seconds
+    storage = None if args.no_search else storage_url(args.storage, job.out)
+    if storage:
+        check_storage(storage)
+    warm = [] if args.no_search else steps.warm_start_params(args.warm_start)
+    trials = steps.trials_from_args(args)
+    model, data = steps.load(job)
+    progress = Progress()
+    try:
+        if args.no_search:
+            from runtime.families import model_info
+
+            steps.water_fill(job, prof, model_info(model, name=job.label), data)
+        else:
+            steps.search_and_export(job, model, data, prof, storage, args.study_name, trials, warm, progress)
+    finally:
+        progress.close()
+    print(f"done in {time.time() - job.started:.0f} s")
+    return 0

@@ -21,7 +21,7 @@ trial marks it FAIL and re-queues its parameters, so the study still reaches its
 
 
 def add_parser(subparsers):
-    from ..pipeline import THREADS_HELP
+    from ..options import THREADS_HELP
 
     p = subparsers.add_parser(
         "worker",
@@ -40,6 +40,27 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..pipeline import worker_command
+    """Join a study: read its settings and profile from the storage, run trials until its budget is reached."""
+    from ..data import CalibrationSet
+    from ..models import load_model
+    from ..options import set_threads
+    from ..progress import Progress
+    from ..study import Study, check_storage_exists
 
-    return worker_command(args)
+    set_threads(args.threads)
+    check_storage_exists(args.storage)
+    study = Study(args.storage, args.study_name)
+    settings = study.settings
+    if args.device:
+        settings.device = args.device
+    if args.device_map:
+        settings.device_map = args.device_map
+    model, tokenizer = load_model(settings.model, settings.dtype, settings.device, settings.device_map)
+    data = CalibrationSet(tokenizer, settings)
+    progress = Progress()
+    try:
+        study.run(model, data, progress)
+    finally:
+        progress.close()
+    print(f"worker: study '{args.study_name}' holds {study.finished()} finished trials (budget {study.trials})")
+    return 0

@@ -14,24 +14,40 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import runtime
 import runtime.inspect
 from runtime.schedule import Schedule, Selection, group_heads, heads_compressible, write_atomic
 
 from .allocate import equal_weight
-from .evaluator import Evaluator
+from .scoring import Evaluator
 
 GRID = (0.02, 0.05, 0.1, 0.25, 0.5)
-WINDOWS = (8, 16, 32, 64)
+RECALL_CURVES = ("recall", "overlap", "window_recall")  # saved together: the recall pass measures all three
+
+
+class Checkpoint(Protocol):
+    """Where finished curves go while a profile is measured, so an interrupted one resumes (`profile_store`)."""
+
+    def get(self, name: str) -> torch.Tensor | None: ...
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+def curve_name(layer: int, head: int | None = None) -> str:
+    """The checkpoint name of one unit's sensitivity curves."""
+    return f"layer.{layer}" if head is None else f"head.{layer}.{head}"
+
+
+PROFILED_WINDOWS = (8, 16, 32, 64)  # recent-window sizes whose attention recall is measured
 
 
 @dataclass
@@ -154,17 +170,13 @@ class Profile:
         stem = Path(stem)
         tensors_path = stem.with_name(stem.name + ".profile.safetensors")
         json_path = stem.with_name(stem.name + ".profile.json")
-        tmp = tensors_path.with_name("." + tensors_path.name + ".tmp")
         tensors = {k: getattr(self, k).contiguous() for k in ("recall", "overlap", "window_recall", "sensitivity")}
         if self.parts is not None:
             tensors["sensitivity_parts"] = self.parts.contiguous()
         if self.head_parts is not None:
             tensors["head_sensitivity_parts"] = self.head_parts.contiguous()
-        save_file(tensors, str(tmp), metadata={"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)})
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # like any other file the user writes
-        tmp.replace(tensors_path)
+        meta = {"grid": json.dumps(self.grid), "windows": json.dumps(self.windows)}
+        write_atomic(tensors_path, safetensors.torch.save(tensors, metadata=meta))
         write_atomic(json_path, json.dumps(self.summary(), indent=2) + "\n")
         return tensors_path, json_path
 
@@ -260,17 +272,19 @@ def measure(
     window: int = 32,
     selection: Selection | None = None,
     grid: tuple[float, ...] = GRID,
-    windows: tuple[int, ...] = WINDOWS,
+    windows: tuple[int, ...] = PROFILED_WINDOWS,
     progress: Callable[[str, int, int], None] | None = None,
     also: Sequence[Evaluator] = (),
     per_head: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> Profile:
     """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
     sensitivity curves.
 
     Sensitivity is measured on `evaluator` and on each of the `also` evaluators (e.g. retrieval tasks) and kept
     per evaluator (`parts`, named by the kind of their examples); `sensitivity` is their mean KL per token.
-    Per-head curves are measured only where a layer has more than one KV head.
+    Per-head curves are measured only where a layer has more than one KV head. With a `checkpoint`, every
+    finished curve is saved to it and curves it already holds are not measured again.
     """
     selection = selection or Selection()
     layers = evaluator.layers
@@ -285,7 +299,12 @@ def measure(
     n_batches = len(evaluator.batches)
     m = evaluator.examples[0].continuation.numel()
     ctx_len = evaluator.context_length
-    for bi, idx in enumerate(evaluator.batches):
+    saved = [checkpoint.get(k) for k in RECALL_CURVES] if checkpoint else [None]
+    if all(t is not None for t in saved):
+        recall, overlap, window_recall = saved
+        if progress:
+            progress("attention recall", n_batches, n_batches)
+    for bi, idx in enumerate([] if all(t is not None for t in saved) else evaluator.batches):
         base = evaluator.caches[bi]
         follow = base.fork(Schedule(ratios=[1.0] * layers, window=m, sinks=sinks))
         cont = torch.stack([evaluator.examples[j].continuation for j in idx]).to(model.device)
@@ -312,13 +331,17 @@ def measure(
                 window_recall[layer, wi] += float(rec[0] if w != window else rec[i02]) / n_batches
         if progress:
             progress("attention recall", bi + 1, n_batches)
+        if checkpoint and bi + 1 == n_batches:
+            checkpoint.put(dict(zip(RECALL_CURVES, (recall, overlap, window_recall))))
     base = Schedule(ratios=[1.0] * layers, window=window, sinks=sinks, selection=selection)
     evaluators = [evaluator, *also]
-    parts = single_layer_kl(evaluators, base, compressible, grid, progress)
+    parts = single_layer_kl(evaluators, base, compressible, grid, progress, checkpoint=checkpoint)
     kv_heads = runtime.families.model_info(model).num_kv_heads
     head_parts = None
     if per_head and kv_heads > 1:
-        head_parts = single_layer_kl(evaluators, base, compressible, grid, progress, heads=kv_heads)
+        head_parts = single_layer_kl(
+            evaluators, base, compressible, grid, progress, heads=kv_heads, checkpoint=checkpoint
+        )
     return Profile(
         grid=grid,
         windows=windows,
@@ -341,17 +364,26 @@ def single_layer_kl(
     grid: Sequence[float],
     progress: Callable[[str, int, int], None] | None = None,
     heads: int | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> torch.Tensor:
     """[K, L, G]: per evaluator, the KL per token when only layer l keeps grid[g] of its context (base elsewhere,
-    which must keep every token); with `heads`, [K, L, H, G]: only KV head h of layer l is compressed."""
+    which must keep every token); with `heads`, [K, L, H, G]: only KV head h of layer l is compressed.
+    Each unit's curves [K, G] are taken from `checkpoint` when it holds them, and saved to it when measured."""
     layers = len(compressible)
     units = [(layer, h) for layer in range(layers) if compressible[layer] for h in (range(heads) if heads else [0])]
     out = torch.zeros(len(evaluators), layers, heads or 1, len(grid))
     phase = "head sensitivity" if heads else "layer sensitivity"
     for done, (layer, h) in enumerate(units, 1):
-        for gi, ratio in enumerate(grid):
-            for k, ev in enumerate(evaluators):
-                out[k, layer, h, gi] = ev.score(_one_part_compressed(base, layer, h, ratio, heads)).kl
+        name = curve_name(layer, h if heads else None)
+        saved = checkpoint.get(name) if checkpoint else None
+        if saved is not None and saved.shape == out[:, layer, h].shape:
+            out[:, layer, h] = saved
+        else:
+            for gi, ratio in enumerate(grid):
+                for k, ev in enumerate(evaluators):
+                    out[k, layer, h, gi] = ev.score(_one_part_compressed(base, layer, h, ratio, heads)).kl
+            if checkpoint:
+                checkpoint.put({name: out[:, layer, h].clone()})
         if progress:
             progress(phase, done, len(units))
     return out if heads else out[:, :, 0]

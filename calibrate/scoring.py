@@ -2,7 +2,8 @@
 
 Each example is a context (prefilled and compressed) and a continuation fed teacher-forced after compression.
 The full-cache prefill and the full-cache continuation log-probabilities are computed once; a candidate schedule
-(evict mode) only costs trimming the forked cache and one forward pass over the continuations.
+(evict mode) only costs trimming the forked cache and one forward pass over the continuations. `rows` gives every
+example's own scores (and can prefill under the schedule instead: drop mode); `score` sums them up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 import runtime
 from runtime.cache import PyramidCache
+from runtime.families import layer_plan
+from runtime.inspect import kept_per_row
 from runtime.schedule import Schedule
 
 
@@ -53,6 +56,27 @@ def row_scores(ex: Example, logp: torch.Tensor, ref: torch.Tensor) -> tuple[torc
     return kl, nll, bool((lp.argmax(-1) == targets).all())
 
 
+@dataclass
+class Row:
+    """One example's scores under a schedule."""
+
+    index: int  # which example
+    kl: torch.Tensor  # [S] KL(full || compressed) per scored token, nats
+    nll: torch.Tensor  # [S] negative log-likelihood per scored token
+    correct: bool | None  # retrieval examples: every scored token argmax-right; None for text
+    kv_fraction: float | None  # measure_kv: the share of KV its compressed cache kept (see `row_kv_fractions`)
+
+
+def row_kv_fractions(cache, plan: list[tuple[bool, int | None]], prompt_tokens: Sequence[int]) -> list[float]:
+    """Per row: real tokens kept (valid slots, averaged over KV heads) in the compressible layers over the full
+    cache of that row's prompt. Padding slots do not count."""
+    layers = [i for i, (compressible, _) in enumerate(plan) if compressible]
+    if not layers:
+        return [1.0] * len(prompt_tokens)
+    kept = sum(kept_per_row(cache, i) for i in layers) / len(layers)  # [B]
+    return [round(float(k) / n, 6) for k, n in zip(kept.tolist(), prompt_tokens)]
+
+
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -80,6 +104,7 @@ class Evaluator:
         self.query_window = query_window
         # the probe keeps everything and remembers `query_window` recent queries per layer
         self.probe = Schedule(ratios=[1.0] * self.layers, window=query_window, sinks=sinks)
+        self.plan = layer_plan(model)
         self.batches = _batches(len(self.examples), batch_size)
         self.caches: list[PyramidCache] = []
         self.reference: list[torch.Tensor] = []  # per batch: log-probs [b, M, V] at scored positions (rest unused)
@@ -110,40 +135,80 @@ class Evaluator:
         return cache
 
     @torch.inference_mode()
+    def rows(
+        self,
+        schedule: Schedule,
+        prefill_mode: str = "evict",
+        measure_kv: bool = False,
+        on_batch: Callable[[int, list[Row]], None] | None = None,
+    ) -> list[Row]:
+        """Every example's scores under `schedule`, in order.
+
+        `prefill_mode` "evict" forks each batch's full cache and compresses it (the tokens a prefill under the
+        schedule keeps); "drop" prefills the contexts under the schedule itself. Either way the continuation then
+        runs under the schedule. `measure_kv`: also measure each row's kept KV share, right after compression.
+        `on_batch(batches_done, batch_rows)` is called after each batch.
+        """
+        if prefill_mode not in ("evict", "drop"):
+            raise ValueError(f"prefill_mode must be 'evict' or 'drop', got {prefill_mode!r}")
+        if prefill_mode == "evict" and schedule.window > self.query_window:
+            raise ValueError(f"schedule window {schedule.window} exceeds the probe's {self.query_window}")
+        out: list[Row] = []
+        with runtime.apply(self.model, schedule):
+            for b, idx in enumerate(self.batches):
+                if prefill_mode == "drop":
+                    ctx = torch.stack([self.examples[j].context for j in idx]).to(self.model.device)
+                    cache = self.model(ctx, logits_to_keep=1).cache
+                else:
+                    cache = self.compressed_cache(b, schedule)
+                # measured before the continuation adds to the cache
+                kv = row_kv_fractions(cache, self.plan, [self.context_length] * len(idx)) if measure_kv else None
+                logp = self._continuation_logprobs(idx, schedule, cache)
+                batch = []
+                for row, j in enumerate(idx):
+                    ex = self.examples[j]
+                    kl, nll, correct = row_scores(ex, logp[row], self.reference[b][row])
+                    correct = correct if ex.kind == "retrieval" else None
+                    batch.append(Row(j, kl, nll, correct, None if kv is None else kv[row]))
+                out += batch
+                if on_batch is not None:
+                    on_batch(b + 1, batch)
+        return out
+
+    @torch.inference_mode()
     def score(self, schedule: Schedule, on_batch: Callable[[int, float], None] | None = None) -> Scores:
         """Evict-mode scores of `schedule` on every example.
 
         `on_batch(batches_done, mean_kl_so_far)` is called after each batch (a search prunes from it).
         """
-        if schedule.window > self.query_window:
-            raise ValueError(f"schedule window {schedule.window} exceeds the probe's {self.query_window}")
-        kl_sum = nll_sum = 0.0
-        count = 0
-        per_kl: list[float] = []
-        per_ok: list[bool | None] = []
-        with runtime.apply(self.model, schedule):
-            for b, idx in enumerate(self.batches):
-                cache = self.compressed_cache(b, schedule)
-                logp = self._continuation_logprobs(idx, schedule, cache)
-                ref = self.reference[b]
-                for row, j in enumerate(idx):
-                    ex = self.examples[j]
-                    kl, nll, correct = row_scores(ex, logp[row], ref[row])
-                    kl_sum += float(kl.sum())
-                    nll_sum += float(nll.sum())
-                    count += kl.numel()
-                    per_kl.append(float(kl.mean()))
-                    per_ok.append(correct if ex.kind == "retrieval" else None)
-                if on_batch is not None:
-                    on_batch(b + 1, kl_sum / max(count, 1))
-        oks = [o for o in per_ok if o is not None]
+        totals = (0.0, 0.0, 0)  # KL, NLL, scored tokens so far
+
+        def tally(done: int, batch: list[Row]) -> None:
+            nonlocal totals
+            totals = _totals(batch, totals)
+            if on_batch is not None:
+                on_batch(done, totals[0] / max(totals[2], 1))
+
+        rows = self.rows(schedule, on_batch=tally)
+        kl_sum, nll_sum, count = totals
+        oks = [r.correct for r in rows if r.correct is not None]
         return Scores(
             kl=kl_sum / max(count, 1),
             nll=nll_sum / max(count, 1),
             accuracy=(sum(oks) / len(oks)) if oks else None,
-            per_example_kl=per_kl,
-            per_example_correct=per_ok,
+            per_example_kl=[float(r.kl.mean()) for r in rows],
+            per_example_correct=[r.correct for r in rows],
         )
 
     def full_accuracy(self) -> float | None:
         return self.score(self.probe).accuracy
+
+
+def _totals(rows: Sequence[Row], start: tuple[float, float, int]) -> tuple[float, float, int]:
+    """`start` plus the rows' (KL sum, NLL sum, scored tokens), added row by row."""
+    kl_sum, nll_sum, count = start
+    for r in rows:
+        kl_sum += float(r.kl.sum())
+        nll_sum += float(r.nll.sum())
+        count += r.kl.numel()
+    return kl_sum, nll_sum, count

@@ -19,14 +19,14 @@ from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import ModelInfo, Schedule, Selection, head_means
 
 from .allocate import blend, mean_ratio_at, water_fill, water_fill_heads
-from .evaluator import Evaluator, Scores
-from .profile import Profile
+from .profiling import Profile
+from .scoring import Evaluator, Scores
 
 REFERENCES = ("uniform", "pyramidkv", "pyramidinfer")
 SHAPES = ("sensitivity", *REFERENCES, "linear", "exponential")
 HEADS = "heads"  # water-filled over KV heads: offered where the profile has per-head curves
 ALLOCATIONS = ("sensitivity", HEADS)  # shapes built by water-filling (knobs: exponent, mix)
-WINDOWS = (16, 32, 64)
+SEARCH_WINDOWS = (16, 32, 64)  # recent-window sizes a trial may pick
 ACCURACY_WEIGHT = 0.5  # objective = KL + weight * (retrieval accuracy lost against the full cache)
 
 
@@ -63,7 +63,7 @@ class Space:
     profile: Profile
     model: ModelInfo
     sinks: int = 4
-    windows: Sequence[int] = WINDOWS
+    windows: Sequence[int] = SEARCH_WINDOWS
     default_window: int = 32
 
     @property
@@ -224,15 +224,24 @@ def record(trial: optuna.Trial, scores: dict[str, Any], schedule: Schedule, cont
     return kv
 
 
-def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # towards a study's trial budget
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials with a score (complete), in the order they were started."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count towards the trial budget: complete or pruned (a failed one is retried)."""
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
 def baseline_results(study: optuna.Study, budget: float | None = None) -> dict[str, dict[str, float]]:
     """The first finished trial of each enqueued baseline shape with the default selection."""
     default = Selection()
     out: dict[str, dict[str, float]] = {}
-    for t in finished(study):
+    for t in completed(study):
         if budget is not None and t.params.get("budget") != budget:
             continue
         kind = t.params.get("shape")
@@ -246,7 +255,3 @@ def baseline_results(study: optuna.Study, budget: float | None = None) -> dict[s
             continue
         out[kind] = {"objective": t.values[-1], **{k: v for k, v in t.user_attrs.items() if isinstance(v, float)}}
     return out
-
-
-def with_settings(schedule: Schedule, **changes: Any) -> Schedule:
-    return dataclasses.replace(schedule, **changes)

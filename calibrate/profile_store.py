@@ -1,0 +1,148 @@
+"""The profile beside a schedule: reused when its settings match, resumed curve by curve after an interruption.
+
+While a profile is measured, every finished curve is written (atomically) to `NAME.profile.partial.safetensors`
+together with the settings fingerprint; the same command run again takes those curves and measures only the
+rest, and the partial file goes once the whole profile is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from runtime.schedule import write_atomic
+
+from .errors import CalibrateError
+from .settings import Settings
+
+
+def profile_paths(stem: Path) -> tuple[Path, Path, Path]:
+    """(summary JSON, tensors, partial checkpoint) of the profile at `stem` (NAME for NAME.json)."""
+    name = stem.name
+    return (stem.with_name(f"{name}.profile.json"), stem.with_name(f"{name}.profile.safetensors"),
+            stem.with_name(f"{name}.profile.partial.safetensors"))  # fmt: skip
+
+
+class PartialProfile:
+    """The curves finished so far for one settings fingerprint (`profile.Checkpoint`)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.discarded = False
+        if not path.is_file():
+            return
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                same = (f.metadata() or {}).get("settings_key") == key
+            if same:
+                self.tensors = safetensors.torch.load_file(str(path))
+            else:
+                self.discarded = True
+        except (OSError, ValueError, safetensors.SafetensorError):
+            self.discarded = True  # unreadable: measure again, it is overwritten at the first curve
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        write_atomic(self.path, safetensors.torch.save(self.tensors, metadata={"settings_key": self.key}))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def curve_count(settings: Settings, compressible: list[bool], kv_heads: int) -> int:
+    """Curves a profile measures: the recall pass, one per compressible layer, one per KV head of those."""
+    layers = sum(compressible)
+    return 1 + layers + (layers * kv_heads if settings.per_head and kv_heads > 1 else 0)
+
+
+def saved_profile(stem: Path, settings: Settings):
+    """(profile, None) when the saved profile has these settings; (None, why not) otherwise."""
+    from .profiling import Profile
+
+    summary_path, _, _ = profile_paths(stem)
+    if not summary_path.is_file():
+        return None, f"no profile at {summary_path}"
+    try:
+        saved = Profile.load(stem)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        return None, f"{summary_path} cannot be read ({type(e).__name__})"
+    if saved.meta.get("settings_key") != settings.key():
+        diff = settings.difference(saved.meta.get("settings", {}))
+        return None, f"{summary_path} was measured with other settings: {diff}"
+    if saved.parts is None:
+        return None, f"{summary_path} predates per-kind curves"
+    return saved, None
+
+
+def require_profile(stem: Path, settings: Settings):
+    """`calibrate search`: the profile must exist and match; otherwise say what differs and what to run."""
+    prof, why = saved_profile(stem, settings)
+    if prof is None:
+        raise CalibrateError(
+            f"{why}; run 'calibrate profile' (or 'calibrate run') with the same settings and --out first"
+        )
+    return prof
+
+
+def load_or_measure(model, settings: Settings, data, stem: Path, progress):
+    """The saved profile when it was measured with `settings`; else measure it (resuming finished curves)."""
+    import runtime
+
+    from . import profiling as profile
+    from . import scoring as evaluator
+
+    prof, why = saved_profile(stem, settings)
+    if prof is not None:
+        print(f"profile: reusing {profile_paths(stem)[0]}")
+        return prof
+    if not why.startswith("no profile"):
+        print(f"profile: measuring again: {why}")
+    _, _, partial_path = profile_paths(stem)
+    partial = PartialProfile(partial_path, settings.key())
+    plan = runtime.families.layer_plan(model)
+    total = curve_count(settings, [c for c, _ in plan], runtime.families.model_info(model).num_kv_heads)
+    if partial.tensors:
+        # the recall pass saves three tensors as one curve
+        done = sum(1 for k in partial.tensors if k not in profile.RECALL_CURVES[1:])
+        print(f"resuming profile: {done} of {total} curves done ({partial_path})")
+    elif partial.discarded:
+        print(f"profile: {partial_path} was measured with other settings or is unreadable; starting afresh")
+    t0 = time.perf_counter()
+
+    def prefill(phase: str, i: int, n: int) -> None:
+        progress("profile: prefill", i, n)
+
+    ev = evaluator.Evaluator(model, data.calib_text, query_window=64, sinks=settings.sinks, progress=prefill)
+    extra = (
+        [evaluator.Evaluator(model, data.calib_tasks, query_window=64, sinks=settings.sinks)]
+        if data.calib_tasks
+        else []
+    )
+    prof = profile.measure(
+        model,
+        ev,
+        also=extra,
+        per_head=settings.per_head,
+        sinks=settings.sinks,
+        window=settings.window,
+        progress=lambda phase, done, n: progress(f"profile: {phase}", done, n),
+        checkpoint=partial,
+    )
+    prof.meta.update(
+        settings_key=settings.key(),
+        settings=settings.__dict__,
+        data=data.describe(),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    prof.save(stem)
+    partial.remove()
+    return prof

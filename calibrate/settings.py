@@ -1,0 +1,151 @@
+"""What a calibration depends on (`Settings`), read from the command line and checked before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.schedule import ScheduleError
+
+from .errors import CalibrateError
+
+
+@dataclass
+class Settings:
+    """Everything a calibration depends on; the profile is reused only when these match."""
+
+    model: str | None = None
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    context_length: int = 1024
+    continuation: int = 128
+    task_continuation: int = 48
+    calib_windows: int = 3
+    valid_windows: int = 4
+    calib_tasks: int = 6
+    valid_tasks: int = 6
+    sinks: int = 4
+    window: int = 32
+    seed: int = 0
+    per_head: bool = True  # also measure per-KV-head curves, so schedules may give each head its own share
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None  # accelerate's placement for a model larger than one device (not part of the key)
+    argv: list[str] | None = None  # the command line, for the record (not part of the key)
+
+    NOT_IN_KEY = ("device", "device_map", "argv")
+
+    @classmethod
+    def quick(cls, **kw: Any) -> Settings:
+        base = dict(context_length=512, continuation=64, calib_windows=2, valid_windows=2, calib_tasks=3, valid_tasks=3)
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(**base)
+
+    def keyed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self.NOT_IN_KEY}
+
+    def key(self) -> str:
+        """Fingerprint of what the profile depends on."""
+        return hashlib.sha256(json.dumps(self.keyed(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def difference(self, other: dict[str, Any]) -> str:
+        """The keyed fields where `other` (saved settings) differs, e.g. "context_length 512 (now 1024)"."""
+        mine = self.keyed()
+        changed = [k for k in mine if other.get(k, mine[k]) != mine[k] or k not in other]
+        return ", ".join(f"{k} {other.get(k, 'unset')!r} (now {mine[k]!r})" for k in changed) or "none"
+
+
+def from_args(args) -> Settings:
+    kw = dict(
+        model=args.model,
+        data=[str(d) for d in (args.data or [])],
+        text_field=args.text_field,
+        context_length=args.context_length,
+        calib_windows=args.calib_windows,
+        valid_windows=args.valid_windows,
+        seed=args.seed,
+        per_head=not args.no_per_head,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+    )
+    for name in ("calib_windows", "valid_windows"):
+        if kw[name] is not None and kw[name] < 1:
+            raise CalibrateError(f"--{name.replace('_', '-')} must be at least 1, got {kw[name]}")
+    settings = Settings.quick(**kw) if args.quick else Settings(**{k: v for k, v in kw.items() if v is not None})
+    settings.argv = getattr(args, "argv", None)
+    if settings.context_length < 64:
+        raise CalibrateError(f"--context-length {settings.context_length} is too short; use at least 64 tokens")
+    return settings
+
+
+def budgets_from_args(args) -> list[float]:
+    if getattr(args, "budgets", None):
+        try:
+            values = sorted({float(x) for x in args.budgets.split(",") if x.strip()})
+        except ValueError:
+            raise CalibrateError(f"--budgets '{args.budgets}' is not a comma-separated list of numbers") from None
+        if not values:
+            raise CalibrateError("--budgets is empty; give e.g. 0.2,0.3,0.5")
+        return values
+    return [args.budget if getattr(args, "budget", None) is not None else 0.3]
+
+
+def check_budget(budget: float, settings: Settings) -> None:
+    if not (0.0 < budget <= 1.0):
+        raise ScheduleError(f"budget {budget:g} is outside (0, 1]; give a mean KV fraction such as 0.3")
+    n = settings.context_length
+    minimum = (settings.sinks + settings.window) / n
+    if budget < minimum:
+        raise ScheduleError(
+            f"budget {budget:g} is below the minimum {minimum:.4f} = (sinks {settings.sinks} + window "
+            f"{settings.window}) / {n} tokens; raise it or calibrate with a longer --context-length"
+        )
+
+
+def check_positions(model, tokens: int, what: str, fix: str) -> None:
+    """The one check that `tokens` fit the model's position limit, e.g. what='--context 4096 + --new-tokens 64'."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is not None and tokens > limit:
+        raise CalibrateError(f"{what} = {tokens} tokens exceeds the model's {limit} positions; {fix}")
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """Fail before any compute when an output cannot be written; create nothing (folders appear on first write)."""
+    if path.is_dir():
+        raise CalibrateError(f"{flag} '{path}' is a folder; give a file name, e.g. schedules/my-model_b0.3.json")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CalibrateError(f"{flag} '{path}': '{existing}' is not a folder; choose another {flag}")
+    try:  # really try: permissions do not tell for root, read-only mounts or /proc
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".pyramidinfer-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise CalibrateError(f"{flag} '{path}': folder '{existing}' is not writable; choose another {flag}") from None
+
+
+def default_out(model_label: str, budgets: list[float]) -> Path:
+    tag = f"b{budgets[0]:g}" if len(budgets) == 1 else "b" + "-".join(f"{b:g}" for b in budgets)
+    return Path("runs") / f"{model_label}_{tag}.json"  # never over the shipped files in schedules/
+
+
+def budget_out(out: Path, budget: float, several: bool) -> Path:
+    """One file per budget when several are searched: NAME_b0.3.json."""
+    if not several:
+        return out
+    stem = out.stem.split("_b")[0] if "_b" in out.stem else out.stem
+    return out.with_name(f"{stem}_b{budget:g}{out.suffix}")
+
+
+def profile_stem(out: Path) -> Path:
+    """Where a schedule's profile lives: NAME.profile.json / NAME.profile.safetensors beside NAME.json."""
+    return out.with_suffix("")

@@ -1,0 +1,163 @@
+"""Bad input and interruptions on the command line: one line, the user's own argument, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_calibrate import _args, _trials
+
+import runtime
+from calibrate.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+@pytest.fixture
+def text(shared_data: Path) -> Path:
+    return shared_data / "tinyshakespeare" / "input.txt"
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("calibrate: error: "), err
+    return err[0]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("command", ["export", "worker"])
+def test_reading_a_study_never_creates_a_database(command, tmp_path, capsys):
+    db = tmp_path / "typo.optuna.db"
+    msg = one_line_error([command, "--storage", f"sqlite:///{db}", "--study-name", "s"], capsys)
+    assert f"--storage 'sqlite:///{db}': no database at" in msg and "calibrate run" in msg
+    assert files_under(tmp_path) == set()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--trials", "0"], "--trials 0: a study needs at least 1 trial"),
+        (["--budget", "1.5"], "budget 1.5 is outside (0, 1]"),
+        (["--storage", "notaurl"], "--storage 'notaurl' is not a database URL"),
+        (["--calib-windows", "0"], "--calib-windows must be at least 1"),
+    ],
+)
+def test_a_run_that_fails_on_its_inputs_creates_nothing(tiny_model_dir, text, tmp_path, capsys, extra, message):
+    out = tmp_path / "new" / "folder" / "s.json"
+    assert message in one_line_error(_args(tiny_model_dir, text, out, *extra), capsys)
+    assert files_under(tmp_path) == set()
+
+
+def test_an_unwritable_out_names_out_not_the_storage(tiny_model_dir, text, tmp_path, capsys):
+    msg = one_line_error(_args(tiny_model_dir, text, Path("/proc/x.json")), capsys)
+    assert "--out '/proc/x.json'" in msg and "storage" not in msg.lower()
+
+
+def test_show_save_names_the_target(tmp_path, capsys):
+    msg = one_line_error(["show", "--reference", "uniform", "--budget", "0.3", "--layers", "4", "--save",
+                          "/proc/ref.json"], capsys)  # fmt: skip
+    assert "/proc/ref.json" in msg and ".tmp" not in msg
+
+
+def test_search_refuses_a_profile_made_with_other_settings(tiny_model_dir, text, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    profile = ["profile", *_args(tiny_model_dir, text, out)[1:]]
+    assert main(profile) == 0
+    capsys.readouterr()
+    search = ["search", *_args(tiny_model_dir, text, out, "--trials", "2")[1:]]
+    search[search.index("128")] = "192"  # --context-length
+    msg = one_line_error(search, capsys)
+    assert "was measured with other settings: context_length 128 (now 192)" in msg and "calibrate profile" in msg
+    assert not out.exists() and not out.with_suffix(".optuna.db").exists()
+
+
+def _interrupt_when(cmd: list[str], ready, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `cmd`, send it Ctrl-C (SIGINT) as soon as `ready()` holds, and return what it printed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _assert_one_line_interrupt(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 130, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.rstrip().splitlines()[-1] == "calibrate: interrupted"
+
+
+def test_ctrl_c_in_the_profile_keeps_finished_curves_and_the_rerun_reuses_them(tiny_model_dir, text, tmp_path,
+                                                                               capsys):  # fmt: skip
+    plain = tmp_path / "plain" / "s.json"
+    assert main(_args(tiny_model_dir, text, plain, "--trials", "6")) == 0
+    out = tmp_path / "cut" / "s.json"
+    partial = out.with_name("s.profile.partial.safetensors")
+
+    def curves_done() -> int:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(partial), framework="pt") as f:
+                return len(f.keys())
+        except Exception:  # noqa: BLE001 - not written yet, or being replaced
+            return 0
+
+    cmd = [sys.executable, "-m", "calibrate", *_args(tiny_model_dir, text, out, "--trials", "6")]
+    _assert_one_line_interrupt(_interrupt_when(cmd, lambda: curves_done() >= 6))
+    assert partial.is_file() and not out.exists() and not out.with_suffix(".optuna.db").exists()
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, text, out, "--trials", "6")) == 0
+    printed = capsys.readouterr().out
+    assert "resuming profile: " in printed and " of 13 curves done" in printed  # recall + 4 layers + 4 x 2 heads
+    assert not partial.exists()
+    assert runtime.load_schedule(out).head_ratios == runtime.load_schedule(plain).head_ratios
+
+
+def test_ctrl_c_in_the_search_keeps_finished_trials(tiny_model_dir, text, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    db = out.with_suffix(".optuna.db")
+    cmd = [sys.executable, "-m", "calibrate", *_args(tiny_model_dir, text, out, "--trials", "300")]
+    _assert_one_line_interrupt(_interrupt_when(cmd, lambda: db.exists() and _trials(db).count("COMPLETE") >= 3))
+    finished = _trials(db).count("COMPLETE")
+    assert finished >= 3 and not out.exists()
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, text, out, "--trials", str(finished + 1))) == 0
+    printed = capsys.readouterr().out
+    assert "profile: reusing" in printed and f"has {finished} finished trials" in printed
+    assert runtime.load_schedule(out).provenance["trials"] >= finished
+
+
+def test_ctrl_c_in_the_export_leaves_no_half_written_schedule(tiny_model_dir, text, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.json"
+    argv = _args(tiny_model_dir, text, out, "--budgets", "0.3,0.5", "--trials", "8")
+    from runtime.schedule import Schedule
+
+    real_save = Schedule.save
+
+    def interrupted_save(self, path):
+        if Path(path).name == "s_b0.5.json":
+            raise KeyboardInterrupt
+        return real_save(self, path)
+
+    monkeypatch.setattr(Schedule, "save", interrupted_save)
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "calibrate: interrupted"
+    assert not (tmp_path / "s_b0.5.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(Schedule, "save", real_save)
+    first = json.loads((tmp_path / "s_b0.3.json").read_text())["ratios"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "s_b0.3.json").read_text())["ratios"] == first
+    assert (tmp_path / "s_b0.5.json").is_file()
