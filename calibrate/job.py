@@ -49,6 +49,35 @@ def prepare(args, search: bool) -> Job:
     return job
 
 
+@dataclass
+class SearchPlan:
+    """What `run` and `search` do after the profile: a study (storage, trials, warm start) or a water-fill."""
+
+    storage: str | None  # None: --no-search
+    study_name: str | None
+    trials: int
+    warm: list[dict[str, Any]]
+
+
+def plan_search(args, job: Job) -> SearchPlan:
+    """Check the search options before any compute; an SQLite storage is not created yet."""
+    from .study import check_storage, storage_url
+
+    storage = None if args.no_search else storage_url(args.storage, job.out)
+    if storage:
+        check_storage(storage)
+    warm = [] if args.no_search else warm_start_params(args.warm_start)
+    return SearchPlan(storage, args.study_name, trials_from_args(args), warm)
+
+
+def search_or_water_fill(plan: SearchPlan, job: Job, model, data, prof, progress) -> list[Path]:
+    if plan.storage is None:
+        from runtime.families import model_info
+
+        return water_fill(job, prof, model_info(model, name=job.label), data)
+    return search_and_export(job, model, data, prof, plan, progress)
+
+
 def trials_from_args(args) -> int:
     trials = (12 if args.quick else 40) if args.trials is None else args.trials
     if trials < 1:
@@ -87,7 +116,7 @@ def load(job: Job):
     return model, CalibrationSet(tokenizer, s)
 
 
-def search_and_export(job: Job, model, data, prof, storage: str, name: str | None, trials: int, warm, progress):
+def search_and_export(job: Job, model, data, prof, plan: SearchPlan, progress) -> list[Path]:
     """Start (or resume) the study, run it to its trial budget, write the best schedule per budget.
 
     A study database this call created is removed again if it fails before any trial finished."""
@@ -95,14 +124,15 @@ def search_and_export(job: Job, model, data, prof, storage: str, name: str | Non
 
     from .study import Study, sqlite_file, study_name_for
 
+    storage = plan.storage
     db = sqlite_file(storage)
     fresh = db is not None and not db.exists()
     study = None
     try:
-        name = name or study_name_for(job.label, job.budgets, job.settings)
+        name = plan.study_name or study_name_for(job.label, job.budgets, job.settings)
         info = model_info(model, name=job.label)
-        study = Study.start(storage, name, job.settings, job.budgets, trials, job.out, info, job.stem, data, warm,
-                            heads=prof.head_parts is not None)  # fmt: skip
+        study = Study.start(storage, name, job.settings, job.budgets, plan.trials, job.out, info, job.stem, data,
+                            plan.warm, heads=prof.head_parts is not None)  # fmt: skip
         study.run(model, data, progress)
     except BaseException:
         if fresh and db.exists() and (study is None or study.finished() == 0):

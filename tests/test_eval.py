@@ -308,3 +308,16 @@ def test_bad_inputs_give_one_line_errors(extra, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("calibrate: error:") and message in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_schedule_for_another_model_fails_before_any_baseline(tiny_model_dir: Path, repo_root: Path,
+                                                               tmp_path: Path, capsys):  # fmt: skip
+    out = tmp_path / "eval"
+    gemma = repo_root / "schedules" / "gemma3-270m_b0.3.json"
+    args = ["eval", "--model", str(tiny_model_dir), "--out-dir", str(out), "--tasks", "lm", "--lm-context", "128",
+            "--lm-continuation", "8", "--lm-windows", "1", "--no-plots", "--schedule", str(gemma)]  # fmt: skip
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.strip().splitlines() if not line.startswith("Loading weights")]
+    assert len(err) == 1 and err[0].startswith(f"calibrate: error: --schedule {gemma}: schedule has 18 layer"), err
+    assert "results" not in captured.out and not (out / "results.json").exists()

@@ -209,14 +209,18 @@ def run(args) -> int:
     store = ev.Store(out_dir / "results.json", meta)  # refuses results made with other settings, before loading
     store.forget_stale(configs)
 
+    from runtime.families import check_schedule_fits
+    from runtime.schedule import ScheduleError, load_schedule
+
+    files = {path: load_schedule(path) for path in args.schedule}  # a bad file fails before the model loads
     set_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
-    base = None
-    if args.schedule:
-        from runtime.schedule import load_schedule
-
-        base = load_schedule(args.schedule[0])
-    maker = ev.ScheduleMaker(model, base)
+    for path, schedule in files.items():  # ... and one made for another model before any baseline is computed
+        try:
+            check_schedule_fits(model, schedule)
+        except ScheduleError as e:
+            raise ev.EvalError(f"--schedule {path}: {e}") from None
+    maker = ev.ScheduleMaker(model, files[args.schedule[0]] if args.schedule else None)
     print(f"model {model_name} ({args.dtype}, {model.device}); {len(configs)} configurations; results in {out_dir}")
 
     computed = reused = 0

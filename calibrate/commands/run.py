@@ -44,14 +44,9 @@ def run(args) -> int:
     from .. import job as steps
     from ..profile_store import load_or_measure
     from ..progress import Progress
-    from ..study import check_storage, storage_url
 
     job = steps.prepare(args, search=True)
-    storage = None if args.no_search else storage_url(args.storage, job.out)
-    if storage:
-        check_storage(storage)
-    warm = [] if args.no_search else steps.warm_start_params(args.warm_start)
-    trials = steps.trials_from_args(args)
+    plan = steps.plan_search(args, job)
     model, data = steps.load(job)
     progress = Progress()
     try:
@@ -59,12 +54,7 @@ def run(args) -> int:
         progress.close()
         print(prof.table())
         print(f"profile: {job.stem}.profile.json / .profile.safetensors")
-        if args.no_search:
-            from runtime.families import model_info
-
-            steps.water_fill(job, prof, model_info(model, name=job.label), data)
-        else:
-            steps.search_and_export(job, model, data, prof, storage, args.study_name, trials, warm, progress)
+        steps.search_or_water_fill(plan, job, model, data, prof, progress)
     finally:
         progress.close()
     print(f"done in {time.time() - job.started:.0f} s")
