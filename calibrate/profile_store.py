@@ -127,6 +127,22 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         if data.calib_tasks
         else []
     )
+    curves_left = total - (sum(1 for k in partial.tensors if k not in profile.RECALL_CURVES[1:]))
+    clock = {"start": None, "told": False}
+
+    def report(phase: str, done: int, n: int) -> None:
+        progress(f"profile: {phase}", done, n)
+        if phase.endswith("sensitivity") and not clock["told"]:  # predict the whole from the first measured curve
+            if clock["start"] is None:
+                clock["start"] = (time.perf_counter(), done)
+            elif done > clock["start"][1]:
+                each = (time.perf_counter() - clock["start"][0]) / (done - clock["start"][1])
+                left = max(curves_left - 1 - (done - clock["start"][1]), 0)
+                # a curve runs the continuation from its layer on, so the first layers' curves are the slowest
+                print(f"profile: at most {each * left / 60:.1f} min for the {left} curves left ({each:.1f} s for "
+                      "one of the slowest; --no-per-head or --quick for less)", flush=True)  # fmt: skip
+                clock["told"] = True
+
     prof = profile.measure(
         model,
         ev,
@@ -134,7 +150,7 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         per_head=settings.per_head,
         sinks=settings.sinks,
         window=settings.window,
-        progress=lambda phase, done, n: progress(f"profile: {phase}", done, n),
+        progress=report,
         checkpoint=partial,
     )
     prof.meta.update(

@@ -381,7 +381,10 @@ def single_layer_kl(
         else:
             for gi, ratio in enumerate(grid):
                 for k, ev in enumerate(evaluators):
-                    out[k, layer, h, gi] = ev.score(_one_part_compressed(base, layer, h, ratio, heads)).kl
+                    # only this layer is compressed: the continuation runs from it on (exact, and cheaper)
+                    out[k, layer, h, gi] = ev.score(
+                        _one_part_compressed(base, layer, h, ratio, heads), from_layer=layer
+                    ).kl
             if checkpoint:
                 checkpoint.put({name: out[:, layer, h].clone()})
         if progress:

@@ -8,14 +8,15 @@ example's own scores (and can prefill under the schedule instead: drop mode); `s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 import runtime
 from runtime.cache import PyramidCache
-from runtime.families import layer_plan
+from runtime.families import decoder_layers, layer_plan
 from runtime.inspect import kept_per_row
 from runtime.schedule import Schedule
 
@@ -77,6 +78,37 @@ def row_kv_fractions(cache, plan: list[tuple[bool, int | None]], prompt_tokens: 
     return [round(float(k) / n, 6) for k, n in zip(kept.tolist(), prompt_tokens)]
 
 
+@contextlib.contextmanager
+def _layers_from(model, first: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Run only decoder layers `first`.. of `model`, starting from `hidden` [B, M, D], the input that layer
+    `first` had in the full-cache continuation. Exact when only layers >= `first` differ from the full cache:
+    the layers below would compute the same hidden states, and the ones above read nothing of theirs."""
+    layers = decoder_layers(model)
+    if first == 0:
+        yield
+        return
+    own = [vars(layer).get("forward") for layer in layers[:first]]  # accelerate's offload hooks live there
+
+    def skip(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def start(module, args, kwargs):
+        return (hidden, *args[1:]), kwargs
+
+    for layer in layers[:first]:
+        layer.forward = skip
+    handle = layers[first].register_forward_pre_hook(start, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer, forward in zip(layers[:first], own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -108,13 +140,25 @@ class Evaluator:
         self.batches = _batches(len(self.examples), batch_size)
         self.caches: list[PyramidCache] = []
         self.reference: list[torch.Tensor] = []  # per batch: log-probs [b, M, V] at scored positions (rest unused)
+        # per batch, per layer: its input hidden states [b, M, D] in the full-cache continuation (`from_layer`)
+        self.layer_inputs: list[list[torch.Tensor]] = []
         device = model.device
         with torch.inference_mode(), runtime.apply(model, self.probe):
             for i, idx in enumerate(self.batches):
                 ctx = torch.stack([self.examples[j].context for j in idx]).to(device)
                 out = model(ctx, logits_to_keep=1)
                 self.caches.append(out.past_key_values)
-                self.reference.append(self._continuation_logprobs(idx, self.probe))
+                inputs: list[torch.Tensor] = []
+                handles = [
+                    layer.register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.append(args[0]))
+                    for layer in decoder_layers(model)
+                ]
+                try:
+                    self.reference.append(self._continuation_logprobs(idx, self.probe))
+                finally:
+                    for h in handles:
+                        h.remove()
+                self.layer_inputs.append(inputs)
                 if progress:
                     progress("prefill", i + 1, len(self.batches))
 
@@ -122,11 +166,16 @@ class Evaluator:
     def context_length(self) -> int:
         return self.examples[0].context.numel()
 
-    def _continuation_logprobs(self, idx: range, schedule: Schedule, cache: PyramidCache | None = None):
+    def _continuation_logprobs(
+        self, idx: range, schedule: Schedule, cache: PyramidCache | None = None, from_layer: int = 0
+    ) -> torch.Tensor:
+        b = self.batches.index(idx)
         if cache is None:
-            cache = self.caches[self.batches.index(idx)].fork(schedule)
+            cache = self.caches[b].fork(schedule)
         cont = torch.stack([self.examples[j].continuation for j in idx]).to(self.model.device)
-        logits = self.model(cont, cache=cache).logits
+        hidden = self.layer_inputs[b][from_layer] if from_layer else None
+        with _layers_from(self.model, from_layer, hidden):
+            logits = self.model(cont, cache=cache).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
     def compressed_cache(self, batch: int, schedule: Schedule) -> PyramidCache:
@@ -141,14 +190,19 @@ class Evaluator:
         prefill_mode: str = "evict",
         measure_kv: bool = False,
         on_batch: Callable[[int, list[Row]], None] | None = None,
+        from_layer: int = 0,
     ) -> list[Row]:
         """Every example's scores under `schedule`, in order.
 
         `prefill_mode` "evict" forks each batch's full cache and compresses it (the tokens a prefill under the
         schedule keeps); "drop" prefills the contexts under the schedule itself. Either way the continuation then
         runs under the schedule. `measure_kv`: also measure each row's kept KV share, right after compression.
-        `on_batch(batches_done, batch_rows)` is called after each batch.
+        `on_batch(batches_done, batch_rows)` is called after each batch. `from_layer`: `schedule` keeps every token
+        in the layers below it (evict mode), so the continuation runs only from that layer on, from the hidden
+        states the full-cache continuation had there (the same result, fewer layers computed and copied).
         """
+        if from_layer and (prefill_mode != "evict" or any(r < 1.0 for r in schedule.ratios[:from_layer])):
+            raise ValueError(f"from_layer {from_layer} needs an evict-mode schedule that keeps every layer below it")
         if prefill_mode not in ("evict", "drop"):
             raise ValueError(f"prefill_mode must be 'evict' or 'drop', got {prefill_mode!r}")
         if prefill_mode == "evict" and schedule.window > self.query_window:
@@ -163,7 +217,7 @@ class Evaluator:
                     cache = self.compressed_cache(b, schedule)
                 # measured before the continuation adds to the cache
                 kv = row_kv_fractions(cache, self.plan, [self.context_length] * len(idx)) if measure_kv else None
-                logp = self._continuation_logprobs(idx, schedule, cache)
+                logp = self._continuation_logprobs(idx, schedule, cache, from_layer)
                 batch = []
                 for row, j in enumerate(idx):
                     ex = self.examples[j]
@@ -176,10 +230,13 @@ class Evaluator:
         return out
 
     @torch.inference_mode()
-    def score(self, schedule: Schedule, on_batch: Callable[[int, float], None] | None = None) -> Scores:
+    def score(
+        self, schedule: Schedule, on_batch: Callable[[int, float], None] | None = None, from_layer: int = 0
+    ) -> Scores:
         """Evict-mode scores of `schedule` on every example.
 
-        `on_batch(batches_done, mean_kl_so_far)` is called after each batch (a search prunes from it).
+        `on_batch(batches_done, mean_kl_so_far)` is called after each batch (a search prunes from it);
+        `from_layer`: see `rows`.
         """
         totals = (0.0, 0.0, 0)  # KL, NLL, scored tokens so far
 
@@ -189,7 +246,7 @@ class Evaluator:
             if on_batch is not None:
                 on_batch(done, totals[0] / max(totals[2], 1))
 
-        rows = self.rows(schedule, on_batch=tally)
+        rows = self.rows(schedule, on_batch=tally, from_layer=from_layer)
         kl_sum, nll_sum, count = totals
         oks = [r.correct for r in rows if r.correct is not None]
         return Scores(

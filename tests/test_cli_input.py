@@ -82,7 +82,9 @@ def test_search_refuses_a_profile_made_with_other_settings(tiny_model_dir, text,
 
 def _interrupt_when(cmd: list[str], ready, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run `cmd`, send it Ctrl-C (SIGINT) as soon as `ready()` holds, and return what it printed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a background job's children inherit SIGINT ignored (CI may run us so): give the command Ctrl-C back
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)

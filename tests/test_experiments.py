@@ -64,7 +64,7 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     for main in (lambda a: paired_kl.main(["s.json", *a]), lambda a: allocation_ceiling.main(["text.txt", *a])):
-        with pytest.raises(SystemExit, match="^error: cannot create folder"):
+        with pytest.raises(SystemExit, match="^error: --out .*is not a folder; choose another --out"):
             main(["--model", "no-such-model", "--out", str(blocker / "x.json")])  # the model is never loaded
 
 

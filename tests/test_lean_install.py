@@ -59,14 +59,16 @@ def test_runtime_applies_a_shipped_schedule_without_the_calibration_stack():
     assert "served 4 tokens" in run.stdout
 
 
-def test_calibrate_without_its_extra_names_the_extra():
+def test_calibrate_without_its_extra_names_the_extra(tmp_path):
     """The `calibrate` command is installed by the base install too: without the extra it says what to install."""
+    db = tmp_path / "study.db"
+    db.write_bytes(b"")  # exists, so the command gets as far as opening it with Optuna
     code = (
         "import sys\n"
         "for name in ('optuna', 'gguf', 'accelerate', 'datasets', 'scipy'):\n"
         "    sys.modules[name] = None\n"
         "from calibrate.cli import main\n"
-        "sys.exit(main(['export', '--storage', 'sqlite:///nowhere.db', '--study-name', 'x']))\n"
+        f"sys.exit(main(['export', '--storage', 'sqlite:///{db}', '--study-name', 'x']))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]

@@ -1,0 +1,50 @@
+"""`Evaluator`'s shortcut for single-layer measurements: running the continuation from the compressed layer on,
+from the full-cache hidden states there, gives the same scores as the whole model (it is exact, not close)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import runtime
+from calibrate.profiling import _one_part_compressed
+from calibrate.scoring import Evaluator, Example
+from runtime.schedule import Schedule
+
+
+def examples(n: int = 3, context: int = 80, continuation: int = 12, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (context + continuation,), generator=g)
+        out.append(Example(ids[:context], ids[context:], torch.ones(continuation, dtype=torch.bool)))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_from_layer_equals_the_whole_model(family):
+    model = tiny_model(family, kv_heads=2)
+    ev = Evaluator(model, examples(), query_window=16, sinks=2, batch_size=2)
+    base = Schedule(ratios=[1.0] * ev.layers, window=8, sinks=2)
+    compressible = [c for c, _ in runtime.families.layer_plan(model)]
+    units = [(layer, h) for layer in range(ev.layers) if compressible[layer] for h in (None, 1)]
+    assert len(units) >= 4
+    for layer, head in units:
+        sched = _one_part_compressed(base, layer, head or 0, 0.2, 2 if head is not None else None)
+        whole, short = ev.rows(sched), ev.rows(sched, from_layer=layer)
+        for a, b in zip(whole, short, strict=True):
+            torch.testing.assert_close(a.kl, b.kl, rtol=0, atol=0)
+            torch.testing.assert_close(a.nll, b.nll, rtol=0, atol=0)
+        assert sum(float(r.kl.sum()) for r in whole) > 0  # the unit really was compressed
+    # the model is whole again afterwards: layers below run as before
+    assert ev.score(base).kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_from_layer_refuses_a_schedule_that_compresses_below_it():
+    model = tiny_model("llama")
+    ev = Evaluator(model, examples(n=2), query_window=16, sinks=2)
+    ratios = [1.0] * ev.layers
+    ratios[0] = 0.5
+    with pytest.raises(ValueError, match="keeps every layer below it"):
+        ev.rows(Schedule(ratios=ratios, window=8, sinks=2), from_layer=2)
