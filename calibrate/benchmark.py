@@ -1,11 +1,29 @@
-"""Side-by-side speed and memory of the stock model and a schedule, measured in one run.
+"""Side-by-side speed and memory of a schedule and three stock baselines, measured in one run.
 
-Machines are noisy, so stock and schedule runs alternate and each figure is the median over repeats; only the
-ratios are meant to be compared, and only within one run.
+The configurations, each warmed (one untimed prefill and a few decode steps) before anything is timed:
+
+- `stock_dynamic`: the stock model with transformers' `DynamicCache`, whose `torch.cat` append re-copies the
+  whole cache every token: a slow baseline, so the schedule's ratio against it overstates what compression gives.
+- `stock_static`: the stock model with a preallocated `StaticCache` sized for the prompt and the fed decode tokens:
+  the honest baseline.
+- `precut`: the stock model with a `StaticCache` that holds only as many tokens as the schedule keeps, i.e. stock
+  attention on the last `round(kv_fraction * context)` tokens of the same prompts: the physical limit of what
+  compression can give at this KV share (same weights, same batch, no scoring or trimming).
+- `schedule`: the model under `runtime.apply(model, schedule)`.
+
+Machines are noisy, so the runs of one repeat go in turn and the order reverses every other repeat; each figure is
+the median over repeats. Only the ratios are meant to be compared, and only within one run.
+
+Step times: every decode step is timed on its own (CUDA events on a GPU, so nothing syncs between steps; the
+clock on a CPU). The KV bytes are read between steps, outside the timed windows, and decode tokens/s is the
+batch times the steps over the sum of the step times. A schedule step is a *trim step* when the tokens fed since
+prefill are a multiple of `schedule.decode.interval`: that is when `PyramidCache` is due to re-score and trim
+(a layer already within its target skips the work); the baselines have only plain steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -13,20 +31,43 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import StaticCache
 from transformers.cache_utils import DynamicCache
 
 import runtime
 from runtime.schedule import Schedule
 
+CONFIGS = ("stock_dynamic", "stock_static", "precut", "schedule")
+LABELS = {
+    "stock_dynamic": "stock DynamicCache",
+    "stock_static": "stock StaticCache",
+    "precut": "pre-cut reference",
+    "schedule": "schedule",
+}
+# how the schedule's ratio against each baseline is labelled: schedule / baseline
+AGAINST = {
+    "stock_static": "vs stock StaticCache",
+    "stock_dynamic": "vs stock DynamicCache",
+    "precut": "of the pre-cut limit",
+}
+WARM_STEPS = 3  # untimed decode steps after the warm-up prefill (the schedule also runs to its first trim)
+
 
 @dataclass
 class RunStats:
     prefill_s: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # batch * decode steps / sum of the step times
     kv_bytes_prefill: int
     kv_bytes_end: int
     kv_bytes_peak: int
     peak_memory_bytes: int  # process memory above what it held before the run (CUDA: allocator peak)
+    prompt_tokens: int = 0  # tokens per row prefilled (the pre-cut reference: fewer)
+    decode_steps: int = 0
+    plain_step_ms_mean: float = 0.0
+    plain_step_ms_max: float = 0.0
+    trim_steps: int = 0  # steps at which the schedule was due to trim (0 for the stock caches)
+    trim_step_ms_mean: float | None = None  # None: no trim step
+    trim_step_ms_max: float | None = None
 
 
 def _release_freed_memory() -> None:
@@ -75,9 +116,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StepClock:
+    """Times single steps: CUDA events on a GPU (read once at the end, no sync between steps), else the clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list = []
+
+    def start(self) -> None:
+        self._marks.append(self._now())
+
+    def stop(self) -> None:
+        self._marks.append(self._now())
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self) -> list[float]:
+        """Each step's duration; on CUDA call it after a sync."""
+        pairs = zip(self._marks[::2], self._marks[1::2], strict=True)
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+        return [b - a for a, b in pairs]
+
+
+def is_trim_step(step: int, interval: int | None) -> bool:
+    """Whether decode step `step` (1-based: tokens fed since prefill) is one where a schedule trimming every
+    `interval` tokens is due to trim (`PyramidCache` counts fed tokens the same way)."""
+    return interval is not None and step % interval == 0
+
+
+def _ms(times: list[float]) -> tuple[float | None, float | None]:
+    return (1e3 * statistics.fmean(times), 1e3 * max(times)) if times else (None, None)
+
+
 @torch.inference_mode()
-def greedy_run(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, cache=None) -> RunStats:
-    """Prefill then `new_tokens - 1` single-token decode steps, as `generate` does, timed separately."""
+def greedy_run(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    new_tokens: int,
+    cache=None,
+    trim_interval: int | None = None,
+    tokens_out: list[torch.Tensor] | None = None,
+) -> RunStats:
+    """Prefill then `new_tokens - 1` single-token decode steps, as `generate` does, each step timed on its own.
+
+    trim_interval: the schedule's `decode.interval`, to tell trim steps from plain ones (None: all plain).
+    tokens_out: if given, each generated [B, 1] token tensor is appended to it (the first comes from prefill).
+    """
     device = ids.device
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     if device.type == "cuda":
@@ -85,50 +176,88 @@ def greedy_run(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, ca
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     meter = _PeakRSS() if device.type == "cpu" else None
-    with meter or _nullcontext():
+    clock = _StepClock(device)
+    with meter or contextlib.nullcontext():
         _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
-        t1 = time.perf_counter()
+        prefill_s = time.perf_counter() - t0
         kv_prefill = runtime.kv_bytes(cache)
         kv_peak = kv_prefill
         for _ in range(new_tokens - 1):
+            if tokens_out is not None:
+                tokens_out.append(nxt)
+            clock.start()
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            kv_peak = max(kv_peak, runtime.kv_bytes(cache))
+            clock.stop()
+            kv_peak = max(kv_peak, runtime.kv_bytes(cache))  # between steps: outside the timed windows
+        if tokens_out is not None:
+            tokens_out.append(nxt)
         _sync(device)
-        t2 = time.perf_counter()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = meter.peak - meter.base
-    steps = max(new_tokens - 1, 1)
+    times = clock.seconds()
+    trims = [t for k, t in enumerate(times, 1) if is_trim_step(k, trim_interval)]
+    plain = [t for k, t in enumerate(times, 1) if not is_trim_step(k, trim_interval)]
+    plain_mean, plain_max = _ms(plain)
+    trim_mean, trim_max = _ms(trims)
     return RunStats(
-        prefill_s=t1 - t0,
-        decode_tokens_per_s=ids.shape[0] * steps / max(t2 - t1, 1e-9),
+        prefill_s=prefill_s,
+        decode_tokens_per_s=ids.shape[0] * len(times) / max(sum(times), 1e-9),
         kv_bytes_prefill=kv_prefill,
         kv_bytes_end=runtime.kv_bytes(cache),
         kv_bytes_peak=kv_peak,
         peak_memory_bytes=int(peak),
+        prompt_tokens=ids.shape[1],
+        decode_steps=len(times),
+        plain_step_ms_mean=plain_mean or 0.0,
+        plain_step_ms_max=plain_max or 0.0,
+        trim_steps=len(trims),
+        trim_step_ms_mean=trim_mean,
+        trim_step_ms_max=trim_max,
     )
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _median(runs: list[RunStats]) -> RunStats:
-    fields = asdict(runs[0]).keys()
-    return RunStats(**{f: type(getattr(runs[0], f))(statistics.median(getattr(r, f) for r in runs)) for f in fields})
+    def med(name: str):
+        vals = [getattr(r, name) for r in runs]
+        if any(v is None for v in vals):
+            return None
+        return type(vals[0])(statistics.median(vals))
+
+    return RunStats(**{name: med(name) for name in asdict(runs[0])})
+
+
+def precut_tokens(schedule: Schedule, prompt_tokens: int) -> int:
+    """Prompt tokens the pre-cut reference keeps: the schedule's mean KV share of the compressible layers (the
+    reference holds that many in every layer, sliding-window layers included)."""
+    return min(prompt_tokens, max(1, round(schedule.kv_fraction(prompt_tokens) * prompt_tokens)))
+
+
+def precut_inputs(ids: torch.Tensor, mask: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `precut_tokens` tokens of each (unpadded) prompt, for the pre-cut reference."""
+    n = precut_tokens(schedule, ids.shape[1])
+    return ids[:, -n:], mask[:, -n:]
+
+
+def _ratios(ours: RunStats, base: RunStats, largest: dict[str, int], name: str) -> dict[str, float]:
+    """schedule / baseline for each figure (decode speed and largest batch: higher is better; the rest lower)."""
+    return {
+        "prefill_s": ours.prefill_s / max(base.prefill_s, 1e-12),
+        "decode_tokens_per_s": ours.decode_tokens_per_s / max(base.decode_tokens_per_s, 1e-12),
+        "kv_bytes_prefill": ours.kv_bytes_prefill / max(base.kv_bytes_prefill, 1),
+        "kv_bytes_end": ours.kv_bytes_end / max(base.kv_bytes_end, 1),
+        "peak_memory_bytes": ours.peak_memory_bytes / max(base.peak_memory_bytes, 1),
+        "largest_batch": largest["schedule"] / max(largest[name], 1),
+    }
 
 
 def compare(
@@ -141,85 +270,113 @@ def compare(
     kv_limit_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run stock and schedule `repeats` times each, alternating which goes first; medians, ratios, largest batch."""
-    stock_runs, ours_runs = [], []
-    greedy_run(model, ids[:1, -64:], mask[:1, -64:], 2)  # warm-up: first calls pay for lazy init
+    """Warm, then run every configuration `repeats` times, in turn; medians, ratios against each baseline, batch.
 
-    def stock() -> None:
+    `ids` are unpadded equal-length prompts (`mask` all ones). The result keeps the keys of the older two-way
+    comparison (`stock` = stock DynamicCache, `schedule`, `ratios` = schedule / stock DynamicCache) and adds
+    `configs`, `labels`, `ratios_vs` and `decode_speed`.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 (a prefill token and a decode step), got {new_tokens}")
+    cut_ids, cut_mask = precut_inputs(ids, mask, schedule)
+    interval = schedule.decode.interval
+    config = model.config
+
+    def run(name: str, steps: int) -> RunStats:
+        if name == "schedule":
+            with runtime.apply(model, schedule):
+                return greedy_run(model, ids, mask, steps, trim_interval=interval)
+        x, m = (cut_ids, cut_mask) if name == "precut" else (ids, mask)
+        if name == "stock_dynamic":
+            cache = DynamicCache(config=config)
+        else:
+            # exactly what the run writes (the last token is never fed back), so it holds what DynamicCache does
+            cache = StaticCache(config=config, max_cache_len=x.shape[1] + steps - 1)
+        return greedy_run(model, x, m, steps, cache)
+
+    # warm-up, untimed: first calls pay for lazy init and the allocator learns the shapes; the schedule runs
+    # through its first trim when the timed runs will have one
+    for name in CONFIGS:
+        warm = WARM_STEPS + 1 if name != "schedule" else max(WARM_STEPS, interval) + 1
         if progress:
-            progress(f"repeat {i + 1}/{repeats}: stock")
-        stock_runs.append(greedy_run(model, ids, mask, new_tokens, DynamicCache(config=model.config)))
-
-    def ours() -> None:
-        if progress:
-            progress(f"repeat {i + 1}/{repeats}: schedule")
-        with runtime.apply(model, schedule):
-            ours_runs.append(greedy_run(model, ids, mask, new_tokens))
-
+            progress(f"warm-up: {LABELS[name]}")
+        run(name, min(new_tokens, warm))
+    runs: dict[str, list[RunStats]] = {name: [] for name in CONFIGS}
     for i in range(repeats):
-        # which one goes first alternates: a run inherits the allocator state the previous one left (a stock
-        # decode frees and re-allocates the whole cache every token), and that measurably slows the next prefill
-        for run in (stock, ours) if i % 2 == 0 else (ours, stock):
-            run()
-    stock, ours = _median(stock_runs), _median(ours_runs)
+        # the order reverses every other repeat: a run inherits the allocator state the previous one left (a
+        # DynamicCache decode frees and re-allocates the whole cache every token), which can slow the next prefill
+        for name in CONFIGS if i % 2 == 0 else CONFIGS[::-1]:
+            if progress:
+                progress(f"repeat {i + 1}/{repeats}: {LABELS[name]}")
+            runs[name].append(run(name, new_tokens))
+    med = {name: _median(r) for name, r in runs.items()}
     batch = ids.shape[0]
-    limit = kv_limit_bytes or stock.kv_bytes_peak
-    largest = {
-        name: int(limit // max(r.kv_bytes_peak / batch, 1)) for name, r in (("stock", stock), ("schedule", ours))
-    }
-    ratios = {
-        "prefill_s": ours.prefill_s / stock.prefill_s,
-        "decode_tokens_per_s": ours.decode_tokens_per_s / stock.decode_tokens_per_s,
-        "kv_bytes_prefill": ours.kv_bytes_prefill / stock.kv_bytes_prefill,
-        "kv_bytes_end": ours.kv_bytes_end / stock.kv_bytes_end,
-        "peak_memory_bytes": ours.peak_memory_bytes / max(stock.peak_memory_bytes, 1),
-        "largest_batch": largest["schedule"] / max(largest["stock"], 1),
-    }
+    limit = kv_limit_bytes or med["stock_dynamic"].kv_bytes_peak
+    largest = {name: int(limit // max(r.kv_bytes_peak / batch, 1)) for name, r in med.items()}
+    ratios_vs = {name: _ratios(med["schedule"], med[name], largest, name) for name in AGAINST}
     return {
         "batch": batch,
         "prompt_tokens": ids.shape[1],
+        "precut_tokens": cut_ids.shape[1],
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "trim_interval": interval,
         "kv_limit_bytes": limit,
-        "stock": asdict(stock),
-        "schedule": asdict(ours),
-        "largest_batch": largest,
-        "ratios": ratios,
-        "runs": {"stock": [asdict(r) for r in stock_runs], "schedule": [asdict(r) for r in ours_runs]},
+        "stock": asdict(med["stock_dynamic"]),  # older key: stock = stock DynamicCache
+        "schedule": asdict(med["schedule"]),
+        "configs": {name: asdict(r) for name, r in med.items()},
+        "labels": dict(LABELS),
+        "largest_batch": {"stock": largest["stock_dynamic"], **largest},
+        "ratios": ratios_vs["stock_dynamic"],  # older key: schedule / stock DynamicCache
+        "ratios_vs": ratios_vs,
+        "decode_speed": {label: ratios_vs[name]["decode_tokens_per_s"] for name, label in AGAINST.items()},
+        "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
     }
 
 
+def _cell(value: float | None, fmt: str, scale: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return format(value if scale is None else value * scale, fmt)
+
+
 def format_table(result: dict) -> str:
-    s, o, r = result["stock"], result["schedule"], result["ratios"]
+    """Every configuration side by side, then the schedule's ratio against each baseline."""
+    configs, largest = result["configs"], result["largest_batch"]
     mb = 1 / 2**20
     rows = [
-        ("prefill seconds", f"{s['prefill_s']:.2f}", f"{o['prefill_s']:.2f}", r["prefill_s"]),
-        (
-            "decode tokens/s",
-            f"{s['decode_tokens_per_s']:.1f}",
-            f"{o['decode_tokens_per_s']:.1f}",
-            r["decode_tokens_per_s"],
-        ),
-        (
-            "KV MiB after prefill",
-            f"{s['kv_bytes_prefill'] * mb:.1f}",
-            f"{o['kv_bytes_prefill'] * mb:.1f}",
-            r["kv_bytes_prefill"],
-        ),
-        ("KV MiB at end", f"{s['kv_bytes_end'] * mb:.1f}", f"{o['kv_bytes_end'] * mb:.1f}", r["kv_bytes_end"]),
-        (
-            "peak memory MiB (above start)",
-            f"{s['peak_memory_bytes'] * mb:.0f}",
-            f"{o['peak_memory_bytes'] * mb:.0f}",
-            r["peak_memory_bytes"],
-        ),
-        (
-            f"largest batch in {result['kv_limit_bytes'] * mb:.0f} MiB KV",
-            str(result["largest_batch"]["stock"]),
-            str(result["largest_batch"]["schedule"]),
-            r["largest_batch"],
-        ),
+        ("prompt tokens per row", "prompt_tokens", None, "d"),
+        ("prefill seconds", "prefill_s", None, ".3f"),
+        ("decode tokens/s", "decode_tokens_per_s", None, ".1f"),
+        ("plain step ms, mean", "plain_step_ms_mean", None, ".2f"),
+        ("plain step ms, max", "plain_step_ms_max", None, ".2f"),
+        ("trim steps", "trim_steps", None, "d"),
+        ("trim step ms, mean", "trim_step_ms_mean", None, ".2f"),
+        ("trim step ms, max", "trim_step_ms_max", None, ".2f"),
+        ("KV MiB after prefill", "kv_bytes_prefill", mb, ".2f"),
+        ("KV MiB at end", "kv_bytes_end", mb, ".2f"),
+        ("peak memory MiB (above start)", "peak_memory_bytes", mb, ".0f"),
     ]
-    lines = ["| metric | stock | schedule | ratio |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d:.2f}x |" for a, b, c, d in rows]
+    lines = ["| metric | " + " | ".join(LABELS[n] for n in CONFIGS) + " |", "|---" * (len(CONFIGS) + 1) + "|"]
+    for label, key, scale, fmt in rows:
+        cells = [_cell(configs[n][key], fmt, scale) for n in CONFIGS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    limit = f"largest batch in {result['kv_limit_bytes'] * mb:.4g} MiB KV"
+    lines.append(f"| {limit} | " + " | ".join(str(largest[n]) for n in CONFIGS) + " |")
+    ratio_rows = [
+        ("decode tokens/s", "decode_tokens_per_s"),
+        ("prefill seconds", "prefill_s"),
+        ("KV bytes after prefill", "kv_bytes_prefill"),
+        ("KV bytes at end", "kv_bytes_end"),
+        ("peak memory", "peak_memory_bytes"),
+        ("largest batch", "largest_batch"),
+    ]
+    vs = result["ratios_vs"]
+    lines += ["", "| schedule / baseline | " + " | ".join(AGAINST.values()) + " |", "|---" * (len(AGAINST) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(f"{vs[n][key]:.2f}x" for n in AGAINST) + " |" for label, key in ratio_rows]
+    lines += [
+        "",
+        f"pre-cut reference: stock attention on the last {result['precut_tokens']} of {result['prompt_tokens']} "
+        f"prompt tokens; trim steps: every {result['trim_interval']} tokens after prefill",
+    ]
     return "\n".join(lines)

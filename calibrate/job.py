@@ -157,7 +157,7 @@ def water_fill(job: Job, prof, info, data) -> list[Path]:
         unit = "KV head" if kind == s.HEADS else "layer"
         record = provenance.water_filled(unit, settings, data.describe(), prof, schedule, job.started)
         schedule.with_ratios(schedule.ratios, name=f"{info.name}_b{b:g}", provenance=record, budget=b).save(path)
-        prof.save(st.profile_stem(path))
         written.append(path)
         print(f"wrote {path} (water-filled, KV fraction {schedule.kv_fraction():.3f})")
+    prof.save(job.stem)  # one profile for all budgets (already there unless --out moved)
     return written

@@ -265,33 +265,21 @@ def _attention_recall(
 
 
 @torch.inference_mode()
-def measure(
+def attention_recall(
     model,
     evaluator: Evaluator,
-    sinks: int = 4,
-    window: int = 32,
-    selection: Selection | None = None,
-    grid: tuple[float, ...] = GRID,
-    windows: tuple[int, ...] = PROFILED_WINDOWS,
+    sinks: int,
+    window: int,
+    selection: Selection,
+    grid: list[float],
+    windows: list[int],
     progress: Callable[[str, int, int], None] | None = None,
-    also: Sequence[Evaluator] = (),
-    per_head: bool = False,
     checkpoint: Checkpoint | None = None,
-) -> Profile:
-    """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
-    sensitivity curves.
-
-    Sensitivity is measured on `evaluator` and on each of the `also` evaluators (e.g. retrieval tasks) and kept
-    per evaluator (`parts`, named by the kind of their examples); `sensitivity` is their mean KL per token.
-    Per-head curves are measured only where a layer has more than one KV head. With a `checkpoint`, every
-    finished curve is saved to it and curves it already holds are not measured again.
-    """
-    selection = selection or Selection()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recall [L, G], overlap [L, G] and recall at ratio ~0.2 per recent-window size [L, W]: how well the recent
+    window's attention picks the keys that the continuation's queries attend to (PyramidInfer's RAC)."""
     layers = evaluator.layers
-    plan = runtime.families.layer_plan(model)
-    compressible = [c for c, _ in plan]
-    grid = list(grid)
-    windows = [w for w in windows if w <= evaluator.query_window]
+    compressible = [c for c, _ in runtime.families.layer_plan(model)]
     recall = torch.zeros(layers, len(grid))
     overlap = torch.zeros(layers, len(grid))
     window_recall = torch.zeros(layers, len(windows))
@@ -301,10 +289,10 @@ def measure(
     ctx_len = evaluator.context_length
     saved = [checkpoint.get(k) for k in RECALL_CURVES] if checkpoint else [None]
     if all(t is not None for t in saved):
-        recall, overlap, window_recall = saved
         if progress:
             progress("attention recall", n_batches, n_batches)
-    for bi, idx in enumerate([] if all(t is not None for t in saved) else evaluator.batches):
+        return tuple(saved)
+    for bi, idx in enumerate(evaluator.batches):
         base = evaluator.caches[bi]
         follow = base.fork(Schedule(ratios=[1.0] * layers, window=m, sinks=sinks))
         cont = torch.stack([evaluator.examples[j].continuation for j in idx]).to(model.device)
@@ -333,6 +321,39 @@ def measure(
             progress("attention recall", bi + 1, n_batches)
         if checkpoint and bi + 1 == n_batches:
             checkpoint.put(dict(zip(RECALL_CURVES, (recall, overlap, window_recall))))
+    return recall, overlap, window_recall
+
+
+@torch.inference_mode()
+def measure(
+    model,
+    evaluator: Evaluator,
+    sinks: int = 4,
+    window: int = 32,
+    selection: Selection | None = None,
+    grid: tuple[float, ...] = GRID,
+    windows: tuple[int, ...] = PROFILED_WINDOWS,
+    progress: Callable[[str, int, int], None] | None = None,
+    also: Sequence[Evaluator] = (),
+    per_head: bool = False,
+    checkpoint: Checkpoint | None = None,
+) -> Profile:
+    """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
+    sensitivity curves.
+
+    Sensitivity is measured on `evaluator` and on each of the `also` evaluators (e.g. retrieval tasks) and kept
+    per evaluator (`parts`, named by the kind of their examples); `sensitivity` is their mean KL per token.
+    Per-head curves are measured only where a layer has more than one KV head. With a `checkpoint`, every
+    finished curve is saved to it and curves it already holds are not measured again.
+    """
+    selection = selection or Selection()
+    layers = evaluator.layers
+    compressible = [c for c, _ in runtime.families.layer_plan(model)]
+    grid = list(grid)
+    windows = [w for w in windows if w <= evaluator.query_window]
+    recall, overlap, window_recall = attention_recall(
+        model, evaluator, sinks, window, selection, grid, windows, progress, checkpoint
+    )
     base = Schedule(ratios=[1.0] * layers, window=window, sinks=sinks, selection=selection)
     evaluators = [evaluator, *also]
     parts = single_layer_kl(evaluators, base, compressible, grid, progress, checkpoint=checkpoint)

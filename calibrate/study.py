@@ -243,7 +243,8 @@ class Study:
             )
             path = budget_out(out, b, self.multi)
             schedule.save(path)
-            self.profile.save(profile_stem(path))
             written.append(path)
             print(provenance.summary(path, schedule, best, baselines))
+        # one profile for all budgets, NAME.profile.* beside NAME.json (NAME_b0.3.json finds it there)
+        self.profile.save(profile_stem(out))
         return written

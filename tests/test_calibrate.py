@@ -127,9 +127,14 @@ def test_profile_then_search(tiny_model_dir, text, tmp_path):
 def test_multi_budget_search_writes_one_schedule_per_budget(tiny_model_dir, text, tmp_path):
     out = tmp_path / "m.json"
     assert main(_args(tiny_model_dir, text, out, "--budgets", "0.3,0.6", "--trials", "10")) == 0
+    from calibrate.views import find_profile
+
     for b in (0.3, 0.6):
         s = runtime.load_schedule(tmp_path / f"m_b{b:g}.json")
         assert s.budget == b and s.kv_fraction(128) <= b + 4 / 128
+        # one profile for the study, found from each budget's file (no identical copy per budget)
+        assert find_profile(tmp_path / f"m_b{b:g}.json") == tmp_path / "m"
+        assert not (tmp_path / f"m_b{b:g}.profile.json").exists()
 
 
 def test_warm_start_tries_an_earlier_schedules_parameters(tiny_model_dir, text, tmp_path, capsys):

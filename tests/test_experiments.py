@@ -154,3 +154,23 @@ def test_cuda_check_runs_its_parts_and_records_them(tiny_model_dir, shared_data,
     (bench,) = got["bench"]
     assert bench["ratios"]["kv_bytes_prefill"] < 0.6 and bench["prefill_mode"] == "evict"
     assert "all-ones vs stock, bfloat16, cpu: 0 of 24 tokens differ" in capsys.readouterr().out
+
+
+def test_gpu_calibration_time_dry_runs_on_cpu(tmp_path):
+    """The prepared GPU timing command, on a tiny config on CPU: every part is written and the total adds up."""
+    from experiments import gpu_calibration_time
+
+    out = tmp_path / "t.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--context-length", "160", "--trials", "1",
+            "--sample-layers", "2", "--out", str(out)]  # fmt: skip
+    assert gpu_calibration_time.main(argv) == 0
+    r = json.loads(out.read_text())
+    parts = r["parts"]
+    assert set(parts) == {"build", "prefill", "attention_recall", "layer_curves", "head_curves", "search"}
+    assert parts["layer_curves"]["sampled_layers"] == [0, 3]
+    assert parts["head_curves"]["predicted_seconds"] == pytest.approx(parts["head_curves"]["seconds_per_curve"] * 8,
+                                                                      abs=0.1)  # fmt: skip
+    total = (parts["prefill"]["seconds"] + parts["attention_recall"]["seconds"]
+             + parts["layer_curves"]["predicted_seconds"] + parts["head_curves"]["predicted_seconds"]
+             + parts["search"]["seconds_per_trial"] * 40)  # fmt: skip
+    assert r["predicted_calibrate_run_seconds"] == pytest.approx(total, abs=1.0)

@@ -351,7 +351,7 @@ def test_notebooks_on_repository_artifacts():
     if schedule:
         text, images = run("inspect_schedule", {})
         assert f"schedule: {views.rel(schedule, ROOT)}" in text
-        stem = views.profile_stem(schedule)
+        stem = views.find_profile(schedule)
         # with a profile: recall, decay, sensitivity (+ per kind when the profile has them); retention, tokens
         # kept; head shares when the schedule or the profile has them
         prof = Profile.load(stem) if stem else None

@@ -48,3 +48,18 @@ def test_from_layer_refuses_a_schedule_that_compresses_below_it():
     ratios[0] = 0.5
     with pytest.raises(ValueError, match="keeps every layer below it"):
         ev.rows(Schedule(ratios=ratios, window=8, sinks=2), from_layer=2)
+
+
+def test_from_layer_equals_the_whole_model_on_smollm2(smollm2, shared_data):
+    """The same on the real model, for a few layer and head units (one window of 256 + 32 tokens)."""
+    from calibrate import data, tasks
+
+    model, tok = smollm2
+    stream = data.token_stream(tok, data.load_texts([shared_data / "tinyshakespeare"]))
+    ev = Evaluator(model, tasks.text_examples(data.cut_windows(stream, 256 + 32, 1), 256), query_window=32)
+    base = Schedule(ratios=[1.0] * ev.layers, window=32, sinks=4)
+    for layer, head in [(3, None), (17, None), (8, 2), (29, 0)]:
+        sched = _one_part_compressed(base, layer, head or 0, 0.1, 3 if head is not None else None)
+        whole, short = ev.rows(sched), ev.rows(sched, from_layer=layer)
+        torch.testing.assert_close(short[0].kl, whole[0].kl, rtol=0, atol=0)
+        assert float(whole[0].kl.sum()) > 0

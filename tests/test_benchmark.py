@@ -1,0 +1,165 @@
+"""`calibrate bench` on tiny random models: the baselines are what they claim to be; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from transformers import DynamicCache, StaticCache
+
+import runtime
+from calibrate import benchmark as bench
+from runtime import Decode, Schedule
+
+CONTEXT, NEW, INTERVAL = 96, 12, 4
+
+
+def prompt_batch(rows: int = 2, tokens: int = CONTEXT, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded equal-length prompts, as the bench uses them (mask all ones)."""
+    ids = torch.randint(3, 128, (rows, tokens), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.ones_like(ids)
+
+
+def tiny_schedule() -> Schedule:
+    return Schedule(ratios=[1.0, 0.5, 0.3, 0.3], window=8, sinks=2, decode=Decode(interval=INTERVAL))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def result(llama) -> dict:
+    ids, mask = prompt_batch()
+    return bench.compare(llama, ids, mask, tiny_schedule(), new_tokens=NEW, repeats=1)
+
+
+def greedy_tokens(model, ids, mask, cache, new_tokens: int = 16) -> tuple[torch.Tensor, bench.RunStats]:
+    tokens: list[torch.Tensor] = []
+    stats = bench.greedy_run(model, ids, mask, new_tokens, cache, tokens_out=tokens)
+    return torch.cat(tokens, dim=1), stats
+
+
+@pytest.mark.parametrize("family, seed", [("llama", 1), ("mistral", 0)])  # mistral: prompt past its sliding window
+def test_static_cache_decodes_the_same_greedy_tokens_as_dynamic_cache(family, seed):
+    model = tiny_model(family, seed=seed)
+    ids, mask = prompt_batch(tokens=60)
+    dynamic, d = greedy_tokens(model, ids, mask, DynamicCache(config=model.config))
+    static, s = greedy_tokens(model, ids, mask, StaticCache(config=model.config, max_cache_len=60 + 15))
+    assert dynamic.shape == (2, 16) and len(set(dynamic.flatten().tolist())) > 4  # not a degenerate repeat
+    assert torch.equal(static, dynamic)
+    assert s.decode_steps == d.decode_steps == 15 and s.trim_steps == d.trim_steps == 0
+    if family == "llama":  # sized exactly for what the run writes: it holds what DynamicCache holds at the end
+        assert s.kv_bytes_end == d.kv_bytes_end
+
+
+def test_trim_steps_are_where_the_cache_shrinks(llama):
+    """The documented step rule matches the runtime: a compressed layer grows one slot per plain step and holds
+    fewer tokens after every step the rule calls a trim step (read through runtime.inspect only)."""
+    from runtime import inspect
+
+    ids, mask = prompt_batch(rows=1)
+    schedule = tiny_schedule()
+    pos = torch.arange(CONTEXT).unsqueeze(0)
+    with torch.inference_mode(), runtime.apply(llama, schedule):
+        out = llama(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, kept = out.cache, [float(inspect.kept_per_row(out.cache, 3))]
+        for step in range(1, 3 * INTERVAL + 1):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = llama(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + step, cache=cache)
+            kept.append(float(inspect.kept_per_row(cache, 3)))
+    for step in range(1, len(kept)):
+        if bench.is_trim_step(step, INTERVAL):
+            assert kept[step] < kept[step - 1], (step, kept)
+        else:
+            assert kept[step] == kept[step - 1] + 1, (step, kept)
+    assert not bench.is_trim_step(INTERVAL, None)
+
+
+def test_precut_reference_holds_the_schedules_share_of_the_prompt(llama, result):
+    schedule = tiny_schedule()
+    keep = round(schedule.kv_fraction(CONTEXT) * CONTEXT)
+    assert 0 < keep < CONTEXT and bench.precut_tokens(schedule, CONTEXT) == keep
+    ids, mask = prompt_batch()
+    cut_ids, cut_mask = bench.precut_inputs(ids, mask, schedule)
+    assert torch.equal(cut_ids, ids[:, -keep:]) and cut_mask.shape == (2, keep)
+
+    precut = result["configs"]["precut"]
+    assert result["precut_tokens"] == precut["prompt_tokens"] == keep
+    assert result["configs"]["stock_static"]["prompt_tokens"] == CONTEXT
+    cfg = llama.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    slot = 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, 2 rows, float32
+    assert precut["kv_bytes_prefill"] == precut["kv_bytes_end"] == slot * (keep + NEW - 1)  # preallocated
+    assert result["configs"]["stock_static"]["kv_bytes_prefill"] == slot * (CONTEXT + NEW - 1)
+    assert 0.5 < result["schedule"]["kv_bytes_end"] / precut["kv_bytes_end"] < 2
+
+    cache = StaticCache(config=cfg, max_cache_len=keep + NEW - 1)
+    bench.greedy_run(llama, cut_ids, cut_mask, NEW, cache)
+    assert cache.get_seq_length() == keep + NEW - 1  # the prefill wrote `keep` tokens, then one per fed step
+
+
+def test_compare_reports_every_configuration_and_each_ratio(result):
+    assert set(result["configs"]) == set(bench.CONFIGS) == set(result["labels"])
+    for name, stats in result["configs"].items():
+        assert stats["decode_steps"] == NEW - 1 and stats["decode_tokens_per_s"] > 0
+        assert stats["plain_step_ms_max"] >= stats["plain_step_ms_mean"] > 0
+        if name == "schedule":  # decode steps 4 and 8 of 11
+            assert stats["trim_steps"] == 2 and stats["trim_step_ms_max"] >= stats["trim_step_ms_mean"] > 0
+        else:
+            assert stats["trim_steps"] == 0 and stats["trim_step_ms_mean"] is None
+        assert len(result["runs"][name]) == 1
+    # the older keys, read by calibrate.views and the notebooks, still mean stock DynamicCache
+    assert result["stock"] == result["configs"]["stock_dynamic"] and result["schedule"] == result["configs"]["schedule"]
+    assert result["ratios"] == result["ratios_vs"]["stock_dynamic"]
+    assert result["largest_batch"]["stock"] == result["largest_batch"]["stock_dynamic"]
+    assert result["ratios"]["kv_bytes_prefill"] < 1
+    speed = result["decode_speed"]
+    assert set(speed) == {"vs stock StaticCache", "vs stock DynamicCache", "of the pre-cut limit"}
+    tok = {n: s["decode_tokens_per_s"] for n, s in result["configs"].items()}
+    assert speed["of the pre-cut limit"] == pytest.approx(tok["schedule"] / tok["precut"])
+    assert speed["vs stock StaticCache"] == pytest.approx(tok["schedule"] / tok["stock_static"])
+    assert speed["vs stock DynamicCache"] == pytest.approx(result["ratios"]["decode_tokens_per_s"])
+    assert json.loads(json.dumps(result)) == result  # JSON as written by --out (None becomes null and back)
+
+
+def test_format_table_shows_every_baseline_and_labels_the_ratios(result):
+    table = bench.format_table(result)
+    for text in ("stock DynamicCache", "stock StaticCache", "pre-cut reference", "schedule", "trim step ms, max",
+                 "vs stock StaticCache", "vs stock DynamicCache", "of the pre-cut limit", "largest batch"):  # fmt: skip
+        assert text in table, text
+    trims = next(line for line in table.splitlines() if line.startswith("| trim step ms, mean"))
+    assert trims.count("| - ") == 3 and "speed-up" not in table.lower()
+    assert f"last {result['precut_tokens']} of {CONTEXT} prompt tokens" in table
+
+
+def test_bench_views_still_read_the_result(result):
+    views = pytest.importorskip("calibrate.views")
+    pytest.importorskip("matplotlib")
+    views.bench_bars(result)
+
+
+def test_compare_needs_a_decode_step(llama):
+    ids, mask = prompt_batch()
+    with pytest.raises(ValueError, match="new_tokens must be at least 2"):
+        bench.compare(llama, ids, mask, tiny_schedule(), new_tokens=1, repeats=1)
+
+
+def test_bench_command_end_to_end_on_a_tiny_model(tiny_model_dir, shared_data, tmp_path, capsys):
+    from calibrate.cli import main
+
+    out = tmp_path / "bench.json"
+    text = shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+    argv = ["bench", "--model", str(tiny_model_dir), "--data", str(text), "--batch", "2", "--context", "128",
+            "--new-tokens", "5", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    assert set(got["configs"]) == set(bench.CONFIGS) and got["precut_tokens"] < 128
+    assert "stock StaticCache" in printed and f"pre-cut reference on the last {got['precut_tokens']}" in printed
+    assert main([*argv[:-2], "--new-tokens", "1"]) == 2
+    assert "--new-tokens must be at least 2" in capsys.readouterr().err
