@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
 
 from runtime.reference import at_budget, rescale_to_budget
 from runtime.schedule import ModelInfo, Schedule, Selection, head_means
@@ -169,12 +170,64 @@ def baseline_params(kind: str, window: int) -> dict[str, Any]:
     return params
 
 
+class Reseeded(optuna.samplers.BaseSampler):
+    """A sampler whose random state at a trial depends only on the seed and the trial's place among the trials
+    that did not fail. Optuna stores no sampler state, so without this a study resumed after Ctrl-C (whose trial
+    in flight fails) would sample other values than the uninterrupted study; with it, it samples the same ones,
+    and workers that start trials at once still draw from different seeds (their trials have different numbers).
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int):
+        self.inner, self.seed = inner, seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        place = trial.number - sum(1 for t in failed if t.number < trial.number)
+        # Optuna's own reseed_rng draws a random seed; its samplers keep their generators in `_rng`
+        for sampler in (self.inner, getattr(self.inner, "_random_sampler", None)):
+            if sampler is not None and hasattr(sampler, "_rng"):
+                sampler._rng = LazyRandomState(self.seed + place)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Enqueue again every enqueued trial (a baseline, a warm start) that failed, e.g. interrupted by Ctrl-C,
+    unless a trial with its parameters exists that did not fail. Returns how many."""
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    alive = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
+    known = [t.system_attrs.get("fixed_params", t.params) for t in alive]
+    count = 0
+    for t in failed:
+        params = t.system_attrs.get("fixed_params")
+        if params is not None and params not in known:
+            study.enqueue_trial(params)
+            known.append(params)
+            count += 1
+    return count
+
+
 def create_study(storage: str | None, study_name: str, seed: int, multi: bool = False) -> optuna.Study:
-    sampler = (
+    inner = (
         optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
         if multi
         else optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
     )
+    sampler = Reseeded(inner, seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=1)
     kwargs: dict[str, Any] = dict(storage=storage, study_name=study_name, sampler=sampler, load_if_exists=True)
     if multi:

@@ -161,6 +161,9 @@ class Study:
             ("data", data.describe()),
         ):
             study.set_user_attr(key, value)
+        # a trial enqueued before and interrupted runs again, before anything new (a resumed study then holds what
+        # the uninterrupted one would)
+        s.requeue_interrupted(study)
         # a multi-budget study searches the budget too: each enqueued trial is pinned to one, for every budget
         pins = [{"budget": b} for b in budgets] if len(budgets) > 1 else [{}]
         for pin in pins:
