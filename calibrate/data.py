@@ -204,6 +204,18 @@ class CalibrationSet:
         self.tokens = int(stream.numel())
         self.digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:12]
 
+    def evaluators(self, model, split: str, sinks: int, progress=None):
+        """(text, tasks) `Evaluator`s of the "calibration" (profile) or "validation" (search) examples; tasks is
+        None where there are none. A query window of 64 covers every recent window a trial may pick."""
+        from .scoring import Evaluator
+
+        text, tasks = {
+            "calibration": (self.calib_text, self.calib_tasks),
+            "validation": (self.valid_text, self.valid_tasks),
+        }[split]
+        text_ev = Evaluator(model, text, query_window=64, sinks=sinks, progress=progress)
+        return text_ev, Evaluator(model, tasks, query_window=64, sinks=sinks) if tasks else None
+
     def describe(self) -> dict[str, Any]:
         return {
             "sources": self.source,

@@ -159,5 +159,4 @@ def water_fill(job: Job, prof, info, data) -> list[Path]:
         schedule.with_ratios(schedule.ratios, name=f"{info.name}_b{b:g}", provenance=record, budget=b).save(path)
         written.append(path)
         print(f"wrote {path} (water-filled, KV fraction {schedule.kv_fraction():.3f})")
-    prof.save(job.stem)  # one profile for all budgets (already there unless --out moved)
     return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -98,7 +99,6 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     import runtime
 
     from . import profiling as profile
-    from . import scoring as evaluator
 
     prof, why = saved_profile(stem, settings)
     if prof is not None:
@@ -108,8 +108,8 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         print(f"profile: measuring again: {why}")
     _, _, partial_path = profile_paths(stem)
     partial = PartialProfile(partial_path, settings.key())
-    plan = runtime.families.layer_plan(model)
-    total = curve_count(settings, [c for c, _ in plan], runtime.families.model_info(model).num_kv_heads)
+    compressible = [c for c, _ in runtime.families.layer_plan(model)]
+    total = curve_count(settings, compressible, runtime.families.model_info(model).num_kv_heads)
     if partial.tensors:
         # the recall pass saves three tensors as one curve
         done = sum(1 for k in partial.tensors if k not in profile.RECALL_CURVES[1:])
@@ -121,32 +121,13 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     def prefill(phase: str, i: int, n: int) -> None:
         progress("profile: prefill", i, n)
 
-    ev = evaluator.Evaluator(model, data.calib_text, query_window=64, sinks=settings.sinks, progress=prefill)
-    extra = (
-        [evaluator.Evaluator(model, data.calib_tasks, query_window=64, sinks=settings.sinks)]
-        if data.calib_tasks
-        else []
-    )
-    curves_left = total - (sum(1 for k in partial.tensors if k not in profile.RECALL_CURVES[1:]))
-    clock = {"start": None, "told": False}
-
-    def report(phase: str, done: int, n: int) -> None:
-        progress(f"profile: {phase}", done, n)
-        if phase.endswith("sensitivity") and not clock["told"]:  # predict the whole from the first measured curve
-            if clock["start"] is None:
-                clock["start"] = (time.perf_counter(), done)
-            elif done > clock["start"][1]:
-                each = (time.perf_counter() - clock["start"][0]) / (done - clock["start"][1])
-                left = max(curves_left - 1 - (done - clock["start"][1]), 0)
-                # a curve runs the continuation from its layer on, so the first layers' curves are the slowest
-                print(f"profile: at most {each * left / 60:.1f} min for the {left} curves left ({each:.1f} s for "
-                      "one of the slowest; --no-per-head or --quick for less)", flush=True)  # fmt: skip
-                clock["told"] = True
+    ev, tasks = data.evaluators(model, "calibration", settings.sinks, progress=prefill)
+    report = _estimate(progress, partial, total, sum(compressible))
 
     prof = profile.measure(
         model,
         ev,
-        also=extra,
+        also=[tasks] if tasks is not None else [],
         per_head=settings.per_head,
         sinks=settings.sinks,
         window=settings.window,
@@ -162,3 +143,31 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     prof.save(stem)
     partial.remove()
     return prof
+
+
+def _estimate(progress, partial: PartialProfile, total: int, layers: int):
+    """The progress callback of a profile: moves its bars and, once one curve was measured (not resumed),
+    prints at most how long the curves left will take."""
+    # units are measured in order, so the resumed ones are the first of each phase
+    resumed = {"layer sensitivity": sum(k.startswith("layer.") for k in partial.tensors),
+               "head sensitivity": sum(k.startswith("head.") for k in partial.tensors)}  # fmt: skip
+    clock: dict[str, Any] = {"start": None, "told": False}
+
+    def report(phase: str, done: int, n: int) -> None:
+        progress(f"profile: {phase}", done, n)
+        if clock["told"] or phase not in resumed or done < resumed[phase]:
+            return
+        now = time.perf_counter()
+        start = clock["start"]
+        if start is None or start[0] != phase or start[2] == done:  # the pace is taken within one phase
+            clock["start"] = (phase, now, done)
+            return
+        each = (now - start[1]) / (done - start[2])
+        finished = 1 + done + (layers if phase == "head sensitivity" else 0)  # the recall pass counts as one
+        left = total - finished
+        # a curve runs the continuation from its layer on, so the first layers' curves are the slowest
+        print(f"profile: at most {each * left / 60:.1f} min for the {left} curves left ({each:.1f} s for "
+              "one of the slowest; --no-per-head or --quick for less)", flush=True)  # fmt: skip
+        clock["told"] = True
+
+    return report

@@ -319,8 +319,8 @@ def attention_recall(
                 window_recall[layer, wi] += float(rec[0] if w != window else rec[i02]) / n_batches
         if progress:
             progress("attention recall", bi + 1, n_batches)
-        if checkpoint and bi + 1 == n_batches:
-            checkpoint.put(dict(zip(RECALL_CURVES, (recall, overlap, window_recall))))
+    if checkpoint:
+        checkpoint.put(dict(zip(RECALL_CURVES, (recall, overlap, window_recall))))
     return recall, overlap, window_recall
 
 

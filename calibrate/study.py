@@ -184,15 +184,10 @@ class Study:
         optuna = _quiet_optuna()
         from optuna.study import MaxTrialsCallback
 
-        from . import scoring as evaluator
         from . import search_space as s
 
         settings = self.settings
-
-        def make(examples):
-            return evaluator.Evaluator(model, examples, query_window=64, sinks=settings.sinks) if examples else None
-
-        suite = s.Suite(make(data.valid_text), make(data.valid_tasks))
+        suite = s.Suite(*data.evaluators(model, "validation", settings.sinks))
         budgets, spaces = self.budgets, self.spaces
 
         def objective(trial):

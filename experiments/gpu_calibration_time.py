@@ -27,7 +27,6 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from calibrate import profiling
 from calibrate import search_space as s
 from calibrate.data import CalibrationSet
-from calibrate.scoring import Evaluator
 from calibrate.settings import Settings
 from runtime.families import model_info
 from runtime.schedule import Schedule, Selection, write_atomic
@@ -90,10 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     data = CalibrationSet(tok, settings)
 
     t = time.perf_counter()
-    calib = [Evaluator(model, data.calib_text, query_window=64), Evaluator(model, data.calib_tasks, query_window=64)]
-    valid = s.Suite(
-        Evaluator(model, data.valid_text, query_window=64), Evaluator(model, data.valid_tasks, query_window=64)
-    )
+    calib = [ev for ev in data.evaluators(model, "calibration", settings.sinks) if ev is not None]
+    valid = s.Suite(*data.evaluators(model, "validation", settings.sinks))
     record("prefill", seconds=round(time.perf_counter() - t, 2))
 
     grid = list(profiling.GRID)

@@ -16,7 +16,6 @@ import time
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
 from calibrate.profiling import GRID, _one_part_compressed
-from calibrate.scoring import Evaluator
 from calibrate.settings import Settings
 from runtime.schedule import Schedule, write_atomic
 
@@ -39,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(None, "float32", "cpu")
     settings = Settings()
     data = CalibrationSet(tok, settings)
-    evaluators = [
-        Evaluator(model, ex, query_window=64, sinks=settings.sinks) for ex in (data.calib_text, data.calib_tasks)
-    ]
+    evaluators = [ev for ev in data.evaluators(model, "calibration", settings.sinks) if ev is not None]
     layers, heads = evaluators[0].layers, model.config.num_key_value_heads
     base = Schedule(ratios=[1.0] * layers, window=settings.window, sinks=settings.sinks)
     rows = []

@@ -170,3 +170,27 @@ def test_ctrl_c_in_the_export_leaves_no_half_written_schedule(tiny_model_dir, te
     assert main(argv) == 0
     assert json.loads((tmp_path / "s_b0.3.json").read_text())["ratios"] == first
     assert (tmp_path / "s_b0.5.json").is_file()
+
+
+def test_the_profiles_time_estimate_starts_after_the_resumed_curves(monkeypatch, capsys):
+    """Resumed curves report at once: the pace is taken from a measured one, within one phase."""
+    import torch
+
+    from calibrate import profile_store
+
+    class Resumed:  # all 4 layer curves and the first head curve done before
+        tensors = {k: torch.zeros(1) for k in ("recall", "overlap", "window_recall", "layer.0", "layer.1",
+                                               "layer.2", "layer.3", "head.0.0")}  # fmt: skip
+
+    clock = iter([0.0, 0.0, 100.0, 110.0, 999.0])
+    monkeypatch.setattr(profile_store.time, "perf_counter", lambda: next(clock))
+    report = profile_store._estimate(lambda *a: None, Resumed(), total=13, layers=4)
+    report("layer sensitivity", 4, 4)  # resumed: starts the layer phase's clock, which the head phase ignores
+    report("head sensitivity", 1, 8)  # resumed
+    report("head sensitivity", 1, 8)  # a tqdm refresh of the same count: the clock restarts in this phase
+    report("head sensitivity", 2, 8)  # the first measured head curve: 10 s
+    report("head sensitivity", 3, 8)  # told once only
+    assert capsys.readouterr().out.splitlines() == [
+        "profile: at most 1.0 min for the 6 curves left (10.0 s for one of the slowest; --no-per-head or --quick "
+        "for less)"
+    ]

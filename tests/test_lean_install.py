@@ -50,6 +50,11 @@ def test_base_requirements_are_the_runtimes_only():
     assert base == RUNTIME_DEPS
     extras = importlib.metadata.metadata("pyramidinfer").get_all("Provides-Extra")
     assert {"calibrate", "test", "postgres"} <= set(extras)
+    # the CLI names the extra for exactly the modules the extra brings (each package imports as its own name)
+    from calibrate.cli import EXTRA_MODULES
+
+    extra = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in requires if 'extra == "calibrate"' in r}
+    assert extra == EXTRA_MODULES
 
 
 def test_runtime_applies_a_shipped_schedule_without_the_calibration_stack():
