@@ -6,9 +6,12 @@ any machines can join one study; `Study.run` counts every worker's finished tria
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import signal
 import socket
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,44 @@ def open_storage(url: str):
 def study_name_for(model_label: str, budgets: list[float], settings: Settings) -> str:
     tag = "-".join(f"{b:g}" for b in budgets)
     return f"{model_label}_b{tag}_{settings.key()}"
+
+
+@contextlib.contextmanager
+def _ctrl_c_outside_commits():
+    """Ctrl-C inside a trial's objective stops it at once (Optuna marks it failed); one that lands while Optuna
+    stores a trial waits until the trial is stored: an interrupted commit breaks Optuna's own bookkeeping
+    ("Should not reach") instead of stopping cleanly. Yields a wrapper for the objective."""
+    state = {"inside": False, "pending": False}
+
+    def handler(signum, frame):
+        if state["inside"]:
+            raise KeyboardInterrupt
+        state["pending"] = True
+
+    def guarded(objective):
+        def run(trial):
+            state["inside"] = True
+            try:
+                if state["pending"]:
+                    raise KeyboardInterrupt
+                return objective(trial)
+            finally:
+                state["inside"] = False
+
+        return run
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if previous is not signal.default_int_handler:  # ignored, or someone else's handler: leave it alone
+        yield lambda objective: objective
+        return
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield guarded
+        if state["pending"]:
+            raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Study:
@@ -208,10 +249,11 @@ class Study:
         # Optuna logs a trial's exception with its traceback before re-raising it; Ctrl-C is reported by the CLI
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
-            while self.finished() < self.trials:
-                self.study.optimize(objective, n_trials=1, catch=(RuntimeError,), callbacks=[stop])
-                if progress:
-                    progress("search: trials", min(self.finished(), self.trials), self.trials)
+            with _ctrl_c_outside_commits() as guarded:
+                while self.finished() < self.trials:
+                    self.study.optimize(guarded(objective), n_trials=1, catch=(RuntimeError,), callbacks=[stop])
+                    if progress:
+                        progress("search: trials", min(self.finished(), self.trials), self.trials)
         finally:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna.storages.fail_stale_trials(self.study)
