@@ -89,42 +89,70 @@ def study_name_for(model_label: str, budgets: list[float], settings: Settings) -
     return f"{model_label}_b{tag}_{settings.key()}"
 
 
-@contextlib.contextmanager
-def _ctrl_c_outside_commits():
-    """Ctrl-C inside a trial's objective stops it at once (Optuna marks it failed); one that lands while Optuna
-    stores a trial waits until the trial is stored: an interrupted commit breaks Optuna's own bookkeeping
-    ("Should not reach") instead of stopping cleanly. Yields a wrapper for the objective."""
-    state = {"inside": False, "pending": False}
+class _CtrlC:
+    """Ctrl-C during a search: raised at once while a trial runs the model, deferred while Optuna talks to its
+    storage. A KeyboardInterrupt that lands inside a commit (a suggest, a report, a user attribute, the trial's
+    own end) breaks Optuna's bookkeeping ("Should not reach") instead of stopping cleanly; deferred, it is raised
+    as soon as the commit is done."""
 
-    def handler(signum, frame):
-        if state["inside"]:
+    def __init__(self) -> None:
+        self.pending = False  # Ctrl-C was pressed
+        self.computing = False  # only the model runs now: raising here leaves the storage consistent
+
+    def handler(self, signum, frame) -> None:
+        self.pending = True
+        if self.computing:
             raise KeyboardInterrupt
-        state["pending"] = True
 
-    def guarded(objective):
-        def run(trial):
-            state["inside"] = True
-            try:
-                if state["pending"]:
-                    raise KeyboardInterrupt
-                return objective(trial)
-            finally:
-                state["inside"] = False
-
-        return run
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
-    if previous is not signal.default_int_handler:  # ignored, or someone else's handler: leave it alone
-        yield lambda objective: objective
-        return
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield guarded
-        if state["pending"]:
+    def check(self) -> None:
+        if self.pending:
             raise KeyboardInterrupt
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def computing_only(self):
+        self.check()
+        self.computing = True
+        try:
+            yield
+        finally:
+            self.computing = False
+
+    def suite(self, suite):
+        """`suite` whose scoring may be interrupted at once, and whose per-batch callback (a trial's report and
+        pruning: storage calls) may not."""
+        ctrl = self
+
+        class Interruptible:
+            def score(self, schedule, on_batch=None):
+                def batch(step: int, kl: float) -> None:
+                    ctrl.computing = False
+                    try:
+                        if on_batch is not None:
+                            on_batch(step, kl)
+                    finally:
+                        ctrl.computing = True
+                    ctrl.check()
+
+                with ctrl.computing_only():
+                    return suite.score(schedule, batch)
+
+        return Interruptible()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGINT this way inside the block (main thread, default handler only: an ignored SIGINT or
+        someone else's handler is left alone) and raise a deferred Ctrl-C at its end."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if main else None
+        if previous is not signal.default_int_handler:
+            yield self
+            return
+        signal.signal(signal.SIGINT, self.handler)
+        try:
+            yield self
+            self.check()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 class Study:
@@ -228,7 +256,8 @@ class Study:
         from . import search_space as s
 
         settings = self.settings
-        suite = s.Suite(*data.evaluators(model, "validation", settings.sinks))
+        ctrl = _CtrlC()
+        suite = ctrl.suite(s.Suite(*data.evaluators(model, "validation", settings.sinks)))
         budgets, spaces = self.budgets, self.spaces
 
         def objective(trial):
@@ -249,9 +278,10 @@ class Study:
         # Optuna logs a trial's exception with its traceback before re-raising it; Ctrl-C is reported by the CLI
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
-            with _ctrl_c_outside_commits() as guarded:
+            with ctrl.installed():
                 while self.finished() < self.trials:
-                    self.study.optimize(guarded(objective), n_trials=1, catch=(RuntimeError,), callbacks=[stop])
+                    ctrl.check()
+                    self.study.optimize(objective, n_trials=1, catch=(RuntimeError,), callbacks=[stop])
                     if progress:
                         progress("search: trials", min(self.finished(), self.trials), self.trials)
         finally:

@@ -194,3 +194,66 @@ def test_the_profiles_time_estimate_starts_after_the_resumed_curves(monkeypatch,
         "profile: at most 1.0 min for the 6 curves left (10.0 s for one of the slowest; --no-per-head or --quick "
         "for less)"
     ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "s.json"
+    assert main(_args(tiny_model_dir, shared_data / "tinyshakespeare" / "input.txt", out, "--trials", "10")) == 0
+    return out
+
+
+def _ctrl_c_in_a_commit_of(monkeypatch, owner, name: str) -> dict[str, bool]:
+    """Press Ctrl-C just after the first SQL statement that `owner.name` runs once the study is at trial 7, before
+    its transaction is committed: the moment a real Ctrl-C lands in Optuna's storage code."""
+    import optuna
+    from sqlalchemy.engine.default import DefaultDialect
+
+    state = {"armed": False, "fired": False}
+    real_execute, real = DefaultDialect.do_execute, getattr(owner, name)
+
+    def execute(self, *args, **kwargs):
+        result = real_execute(self, *args, **kwargs)
+        if state["armed"] and not state["fired"]:
+            state["fired"] = True
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    def arming(*args, **kwargs):
+        trial = args[0] if args and isinstance(args[0], optuna.trial.Trial) else kwargs["trial"]
+        state["armed"] = trial.number >= 7
+        try:
+            return real(*args, **kwargs)
+        finally:
+            state["armed"] = False
+
+    monkeypatch.setattr(DefaultDialect, "do_execute", execute)
+    monkeypatch.setattr(owner, name, arming)
+    # a background job's children inherit SIGINT ignored (CI may run us so): Ctrl-C as in a terminal
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
+    return state
+
+
+@pytest.mark.parametrize("call", ["suggest_categorical", "report", "set_user_attr", "_tell_with_warning"])
+def test_ctrl_c_inside_any_storage_call_of_a_trial_stops_cleanly(call, uninterrupted, tiny_model_dir, text, tmp_path,
+                                                                   monkeypatch, capsys):  # fmt: skip
+    import optuna
+
+    owner = optuna.study._optimize if call == "_tell_with_warning" else optuna.trial.Trial
+    out = tmp_path / "s.json"
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with monkeypatch.context() as m:
+            fired = _ctrl_c_in_a_commit_of(m, owner, call)
+            code = main(_args(tiny_model_dir, text, out, "--trials", "10"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    printed = capsys.readouterr()
+    assert fired["fired"] and code == 130, printed.err[-2000:]
+    assert printed.err.rstrip().splitlines()[-1] == "calibrate: interrupted"
+    states = _trials(out.with_suffix(".optuna.db"))
+    assert "RUNNING" not in states and states.count("COMPLETE") >= 7 and not out.exists()
+    assert main(_args(tiny_model_dir, text, out, "--trials", "10")) == 0
+    cut, whole = runtime.load_schedule(out), runtime.load_schedule(uninterrupted)
+    assert (cut.ratios, cut.head_ratios, cut.selection) == (whole.ratios, whole.head_ratios, whole.selection)
+    assert cut.provenance["score"] == whole.provenance["score"]
