@@ -44,17 +44,27 @@ class Scores:
         return float(torch.tensor(self.nll).exp())
 
 
-def row_scores(ex: Example, logp: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def row_scores(
+    ex: Example, logp: torch.Tensor, ref: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per scored token of one continuation: KL(full || compressed), NLL; and whether every one is argmax-right.
 
-    `logp`/`ref` are [M, V] log-probabilities; position t predicts continuation token t+1.
+    `logp`/`ref` are [P, V] log-probabilities at continuation `positions` [P] (`scored_positions`); position t
+    predicts continuation token t+1.
     """
-    sel = ex.scored[1:].to(logp.device)
-    targets = ex.continuation[1:].to(logp.device)[sel]
-    lp, rp = logp[:-1][sel], ref[:-1][sel]
+    sel = ex.scored[1:][positions]
+    targets = ex.continuation[1:][positions][sel].to(logp.device)
+    sel = sel.to(logp.device)
+    lp, rp = logp[sel], ref[sel]
     kl = (rp.exp() * (rp - lp)).sum(-1)
     nll = -lp.gather(-1, targets[:, None])[:, 0]
     return kl, nll, bool((lp.argmax(-1) == targets).all())
+
+
+def scored_positions(examples: Sequence[Example]) -> torch.Tensor:
+    """The continuation positions whose logits some example scores (position t predicts token t+1). Only these
+    need the LM head, and no token after the last of them needs a forward at all (attention is causal)."""
+    return torch.stack([e.scored[1:] for e in examples]).any(0).nonzero()[:, 0]
 
 
 @dataclass
@@ -139,8 +149,11 @@ class Evaluator:
         self.plan = layer_plan(model)
         self.batches = _batches(len(self.examples), batch_size)
         self.caches: list[PyramidCache] = []
-        self.reference: list[torch.Tensor] = []  # per batch: log-probs [b, M, V] at scored positions (rest unused)
-        # per batch, per layer: its input hidden states [b, M, D] in the full-cache continuation (`from_layer`)
+        # per batch: the continuation positions scored by any of its rows, and the full cache's log-probs there
+        self.positions = [scored_positions([self.examples[j] for j in idx]) for idx in self.batches]
+        self.reference: list[torch.Tensor] = []  # per batch: [b, P, V]
+        # per batch, per layer: its input hidden states [b, n, D] in the full-cache continuation (`from_layer`),
+        # n the continuation tokens that reach the last scored position
         self.layer_inputs: list[list[torch.Tensor]] = []
         device = model.device
         with torch.inference_mode(), runtime.apply(model, self.probe):
@@ -169,13 +182,17 @@ class Evaluator:
     def _continuation_logprobs(
         self, idx: range, schedule: Schedule, cache: PyramidCache | None = None, from_layer: int = 0
     ) -> torch.Tensor:
+        """[b, P, V] log-probabilities at the batch's scored positions, the continuation fed only up to the last."""
         b = self.batches.index(idx)
         if cache is None:
             cache = self.caches[b].fork(schedule)
-        cont = torch.stack([self.examples[j].continuation for j in idx]).to(self.model.device)
+        positions = self.positions[b]
+        n = int(positions[-1]) + 1 if positions.numel() else 1
+        cont = torch.stack([self.examples[j].continuation[:n] for j in idx]).to(self.model.device)
         hidden = self.layer_inputs[b][from_layer] if from_layer else None
+        keep = 0 if positions.numel() == n else positions.to(self.model.device)  # 0: every position
         with _layers_from(self.model, from_layer, hidden):
-            logits = self.model(cont, cache=cache).logits
+            logits = self.model(cont, cache=cache, logits_to_keep=keep).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
     def compressed_cache(self, batch: int, schedule: Schedule) -> PyramidCache:
@@ -221,7 +238,7 @@ class Evaluator:
                 batch = []
                 for row, j in enumerate(idx):
                     ex = self.examples[j]
-                    kl, nll, correct = row_scores(ex, logp[row], self.reference[b][row])
+                    kl, nll, correct = row_scores(ex, logp[row], self.reference[b][row], self.positions[b])
                     correct = correct if ex.kind == "retrieval" else None
                     batch.append(Row(j, kl, nll, correct, None if kv is None else kv[row]))
                 out += batch

@@ -63,3 +63,45 @@ def test_from_layer_equals_the_whole_model_on_smollm2(smollm2, shared_data):
         whole, short = ev.rows(sched), ev.rows(sched, from_layer=layer)
         torch.testing.assert_close(short[0].kl, whole[0].kl, rtol=0, atol=0)
         assert float(whole[0].kl.sum()) > 0
+
+
+def _naive_rows(model, ev: Evaluator, schedule: Schedule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(KL, NLL) per scored token the simple way: the whole continuation, every position's logits."""
+
+    def logprobs(b, sched, cache):
+        cont = torch.stack([ev.examples[j].continuation for j in ev.batches[b]])
+        with runtime.apply(model, sched):
+            return torch.log_softmax(model(cont, cache=cache).logits.float(), -1)
+
+    out = []
+    for b, idx in enumerate(ev.batches):
+        ref = logprobs(b, ev.probe, ev.caches[b].fork(ev.probe))
+        logp = logprobs(b, schedule, ev.compressed_cache(b, schedule))
+        for row, j in enumerate(idx):
+            ex = ev.examples[j]
+            sel = ex.scored[1:]
+            lp, rp = logp[row, :-1][sel], ref[row, :-1][sel]
+            out.append(((rp.exp() * (rp - lp)).sum(-1), -lp.gather(-1, ex.continuation[1:][sel][:, None])[:, 0]))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_scoring_only_scored_positions_equals_scoring_the_whole_continuation(family):
+    """The LM head runs only where a row scores and the continuation stops at the last such token: the same
+    scores as the whole continuation with every position's logits (rows scored at different places, one not
+    at all, the tail never)."""
+    model = tiny_model(family, kv_heads=2)
+    exs = examples(n=5, continuation=16, seed=1)
+    masks = [[3, 4, 5], [6, 9], [], [2, 3, 4, 5, 6, 7, 8], [1, 11]]
+    for ex, scored in zip(exs, masks, strict=True):
+        ex.scored = torch.zeros(16, dtype=torch.bool)
+        ex.scored[scored] = True
+    ev = Evaluator(model, exs, query_window=16, sinks=2, batch_size=2)
+    assert [int(p[-1]) for p in ev.positions] == [8, 7, 10]  # batches stop short of the 16 tokens
+    sched = Schedule(ratios=[0.3] * ev.layers, window=8, sinks=2)
+    rows = ev.rows(sched)
+    for row, (kl, nll) in zip(rows, _naive_rows(model, ev, sched), strict=True):
+        torch.testing.assert_close(row.kl, kl, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(row.nll, nll, rtol=1e-4, atol=1e-6)
+    assert sum(r.kl.numel() for r in rows) == sum(len(m) - (0 in m) for m in masks)
+    assert sum(float(r.kl.sum()) for r in rows) > 0
