@@ -22,7 +22,7 @@ import warnings
 
 import optuna
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from calibrate import profiling
 from calibrate import search_space as s
@@ -32,26 +32,10 @@ from runtime.families import model_info
 from runtime.schedule import Schedule, Selection, write_atomic
 
 from . import check_out
+from .shapes import SHAPES, build_model
+from .shapes import peak_memory as _peak
 
-SHAPES = {  # Llama 3 8B's shape; a tiny one for the dry run
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=4096),
-}  # fmt: skip
 DEFAULT_TRIALS = 40
-
-
-def build_model(shape: str, dtype: torch.dtype, device: str):
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
-    with torch.device(device):  # allocate on the GPU directly: 8B parameters in fp32 would not fit the host
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
-
-
-def _peak(device: str) -> int | None:
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
 def main(argv: list[str] | None = None) -> int:

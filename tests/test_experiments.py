@@ -174,3 +174,27 @@ def test_gpu_calibration_time_dry_runs_on_cpu(tmp_path):
              + parts["layer_curves"]["predicted_seconds"] + parts["head_curves"]["predicted_seconds"]
              + parts["search"]["seconds_per_trial"] * 40)  # fmt: skip
     assert r["predicted_calibrate_run_seconds"] == pytest.approx(total, abs=1.0)
+
+
+def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
+    """The prepared 8B GPU check on a tiny config on CPU: every part is written, all-ones equals stock, a padded
+    row equals that row alone under per-head shares, and the kept KV is the schedule's fraction."""
+    from experiments import gpu_scale
+
+    out = tmp_path / "g.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--cases", "2x192", "--out", str(out)]
+    assert gpu_scale.main(argv) == 0
+    r = json.loads(out.read_text())
+    parts = r["parts"]
+    assert set(parts) == {"layer", "correctness", "end_to_end", "largest_batch"}
+    ok = parts["correctness"]
+    assert ok["all_ones_tokens_equal"] == ok["all_ones_tokens"] == 64
+    assert ok["per_head_row_alone_token_agreement"] == [1.0] * 4
+    assert ok["per_head_kept_fraction"] == pytest.approx(ok["per_head_schedule_kv_fraction"], abs=0.01)
+    configs = parts["end_to_end"]["2x192"]["configs"]
+    assert list(configs) == ["stock_dynamic", "stock_static", "precut", "uniform", "per_head"]
+    assert configs["per_head"]["trim_steps"] == 1 and configs["stock_static"]["trim_steps"] == 0  # 9 steps, every 8
+    assert configs["per_head"]["kv_bytes_prefill"] < 0.5 * configs["stock_static"]["kv_bytes_prefill"]
+    assert configs["precut"]["prompt_tokens"] == round(0.3 * 192)
+    assert set(parts["largest_batch"]["rows"]) == set(configs)
+    assert "| decode tok/s |" in capsys.readouterr().out

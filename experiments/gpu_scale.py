@@ -1,0 +1,276 @@
+"""The runtime at 8B scale on one GPU: correctness, one layer's decode step, end to end, the largest batch.
+
+    python -m experiments.gpu_scale --out gpu_scale_h200.json                     # on the GPU (< 8 min, H200)
+    python -m experiments.gpu_scale --shape tiny --device cpu --out /tmp/g.json   # dry run
+
+An 8B-shaped Llama (hidden 4096, MLP 14336, 32 layers, 32 query / 8 KV heads, head dim 128, vocab 128256) with
+seeded random weights in bf16 and random token ids: speed and memory do not depend on the weights. Every part is
+written to --out as soon as it is measured, and a side-by-side table is printed at the end.
+
+- a. correctness: the all-ones schedule against stock greedy on a left-padded batch (tokens equal, argmax
+  agreement, max |logit diff| of the first token); under a per-head schedule, each row of the padded batch against
+  that row alone; the KV the per-head schedule keeps after prefill against its `kv_fraction`.
+- b. one layer (a one-layer model of the same shape): a decode step with stock StaticCache at the full length,
+  stock at the kept length (pre-cut), a per-layer uniform 0.3 schedule and a per-head 0.3 schedule (whose layers
+  attend head by head).
+- c. end to end at each --cases BxT with --new-tokens: prefill seconds, plain and trim step times, decode
+  tokens/s, KV bytes and peak memory for stock DynamicCache, stock StaticCache, the pre-cut reference, uniform 0.3
+  and per-head 0.3 (seeded lognormal shares, rescaled to the budget). Each configuration is warmed once at the
+  same shape (through its first trim) before its timed run.
+- d. the largest batch that fits --memory-gib, from each configuration's measured peak memory per row at the
+  largest case (weights counted once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import DynamicCache
+
+import runtime
+import runtime.inspect
+from calibrate import benchmark as bench
+from runtime.reference import all_ones, rescale_to_budget, uniform
+from runtime.schedule import Schedule, write_atomic
+
+from . import check_out
+from .shapes import SHAPES, build_model
+
+PRESETS = {  # per shape: the end-to-end cases, new tokens, the correctness batch's longest prompt, layer bench
+    "8b": dict(cases=["16x16384", "8x32768"], new_tokens=96, prompt=512, layer_case="16x16384", memory_gib=120),
+    "tiny": dict(cases=["2x192", "1x384"], new_tokens=10, prompt=160, layer_case="2x192", memory_gib=1),
+}
+BUDGET = 0.3
+INTERVAL = 8  # trim every 8 decode tokens, so that the runs have several trim steps
+
+
+def per_head_schedule(layers: int, heads: int, context: int, seed: int = 0) -> Schedule:
+    """Seeded lognormal shares per KV head, rescaled by one factor to the budget at `context` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    shares = torch.exp(0.7 * torch.randn(layers, heads, generator=g))
+    shares = (shares / shares.mean() * BUDGET).clamp(0.01, 1.0).tolist()
+    base = Schedule(ratios=[1.0] * layers, window=32, sinks=4).with_head_ratios(shares)
+    return _with_interval(rescale_to_budget(base, BUDGET, context))
+
+
+def _with_interval(schedule: Schedule) -> Schedule:
+    return dataclasses.replace(schedule, decode=dataclasses.replace(schedule.decode, interval=INTERVAL))
+
+
+def _ids(batch: int, length: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)
+
+
+def _left_padded(lengths: list[int], vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(lengths)
+    ids = _ids(len(lengths), n, vocab, device, seed=1)
+    mask = torch.zeros_like(ids)
+    for i, m in enumerate(lengths):
+        mask[i, n - m :] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@torch.inference_mode()
+def _first_logits(model, ids, mask, schedule: Schedule | None) -> torch.Tensor:
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    if schedule is None:
+        return model(**kw, cache=DynamicCache(config=model.config)).logits[:, -1].float()
+    with runtime.apply(model, schedule):
+        return model(**kw).logits[:, -1].float()
+
+
+def _greedy(model, ids, mask, new: int, schedule: Schedule | None) -> torch.Tensor:
+    out: list[torch.Tensor] = []
+    if schedule is None:
+        bench.greedy_run(model, ids, mask, new, DynamicCache(config=model.config), tokens_out=out)
+    else:
+        with runtime.apply(model, schedule):
+            bench.greedy_run(model, ids, mask, new, tokens_out=out)
+    return torch.cat(out, dim=1)
+
+
+def correctness(model, preset: dict, device: str) -> dict:
+    config = model.config
+    n, layers = preset["prompt"], config.num_hidden_layers
+    lengths = [n, 3 * n // 4, n // 2, n // 4]
+    ids, mask = _left_padded(lengths, config.vocab_size, device)
+    new = 16
+    ones = _with_interval(all_ones(layers))
+    stock_tokens, ones_tokens = _greedy(model, ids, mask, new, None), _greedy(model, ids, mask, new, ones)
+    logit_diff = (_first_logits(model, ids, mask, None) - _first_logits(model, ids, mask, ones)).abs().max()
+    heads = per_head_schedule(layers, config.num_key_value_heads, n)
+    batch_tokens, batch_logits = _greedy(model, ids, mask, new, heads), _first_logits(model, ids, mask, heads)
+    alone_equal, alone_diff = [], 0.0
+    for i, m in enumerate(lengths):
+        row, row_mask = ids[i : i + 1, n - m :], mask[i : i + 1, n - m :]
+        alone_equal.append(float((_greedy(model, row, row_mask, new, heads) == batch_tokens[i]).float().mean()))
+        alone_diff = max(alone_diff, float((_first_logits(model, row, row_mask, heads) - batch_logits[i]).abs().max()))
+    # the KV a per-head schedule keeps after prefill, on an unpadded batch
+    full = _ids(2, n, config.vocab_size, device, seed=2)
+    with torch.inference_mode(), runtime.apply(model, heads):
+        cache = model(full, use_cache=True, logits_to_keep=1).cache
+        kept = sum(float(runtime.inspect.kept_per_row(cache, i).float().mean()) for i in range(layers)) / layers
+        kv = runtime.kv_bytes(cache)
+    full_kv = 2 * 2 * layers * config.num_key_value_heads * config.head_dim * n * model.dtype.itemsize
+    return {
+        "prompt_lengths": lengths,
+        "new_tokens": new,
+        "all_ones_tokens_equal": int((stock_tokens == ones_tokens).sum()),
+        "all_ones_tokens": stock_tokens.numel(),
+        "all_ones_first_logits_max_abs_diff": float(logit_diff),
+        "per_head_row_alone_token_agreement": alone_equal,
+        "per_head_row_alone_first_logits_max_abs_diff": alone_diff,
+        "per_head_kept_fraction": kept / n,
+        "per_head_schedule_kv_fraction": heads.kv_fraction(n),
+        "per_head_kv_bytes_over_full": kv / full_kv,  # spare room for the decode tokens included
+    }
+
+
+def _case(text: str) -> tuple[int, int]:
+    b, t = text.lower().split("x")
+    return int(b), int(t)
+
+
+def _configs(model, prompt: int) -> dict[str, Schedule | None]:
+    config = model.config
+    layers = config.num_hidden_layers
+    return {
+        "uniform": _with_interval(rescale_to_budget(uniform(layers, BUDGET), BUDGET, prompt)),
+        "per_head": per_head_schedule(layers, config.num_key_value_heads, prompt),
+    }
+
+
+def _run(model, name: str, schedules: dict, ids, mask, new: int) -> bench.RunStats:
+    """One greedy run of configuration `name`: stock_dynamic, stock_static, precut, or a schedule's name."""
+    config = model.config
+    if name in schedules:
+        with runtime.apply(model, schedules[name]):
+            return bench.greedy_run(model, ids, mask, new, trim_interval=INTERVAL)
+    if name == "precut":
+        ids, mask = bench.precut_inputs(ids, mask, schedules["uniform"])
+    if name == "stock_dynamic":
+        return bench.greedy_run(model, ids, mask, new, DynamicCache(config=config))
+    return bench.greedy_run(model, ids, mask, new, StaticCache(config=config, max_cache_len=ids.shape[1] + new - 1))
+
+
+def end_to_end(model, case: str, new: int, device: str, warm: bool = True) -> dict:
+    b, t = _case(case)
+    ids = _ids(b, t, model.config.vocab_size, device, seed=3)
+    mask = torch.ones_like(ids)
+    schedules = _configs(model, t)
+    out = {}
+    for name in ("stock_dynamic", "stock_static", "precut", *schedules):
+        if warm:  # the same shape, through the first trim: lazy init and the allocator's first growth untimed
+            _run(model, name, schedules, ids, mask, INTERVAL + 2)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        out[name] = dataclasses.asdict(_run(model, name, schedules, ids, mask, new))
+    return {"batch": b, "prompt_tokens": t, "new_tokens": new, "configs": out}
+
+
+def largest_batch(case: dict, weights_bytes: int, limit_bytes: int) -> dict[str, int]:
+    """Rows that fit `limit_bytes`: the weights once, then each configuration's measured peak per row."""
+    rows = {}
+    for name, r in case["configs"].items():
+        per_row = max(r["peak_memory_bytes"], r["kv_bytes_peak"]) / case["batch"]
+        rows[name] = int(max(limit_bytes - weights_bytes, 0) // max(per_row, 1))
+    return rows
+
+
+ROWS = [  # the end-to-end table: label, RunStats field, scale
+    ("prefill s", "prefill_s", 1),
+    ("decode tok/s", "decode_tokens_per_s", 1),
+    ("plain step ms", "plain_step_ms_mean", 1),
+    ("trim step ms", "trim_step_ms_mean", 1),
+    ("KV GiB after prefill", "kv_bytes_prefill", 2**-30),
+    ("peak GiB", "peak_memory_bytes", 2**-30),
+]
+
+
+def table(result: dict) -> str:
+    lines = []
+    for key, case in result["parts"].get("end_to_end", {}).items():
+        names = list(case["configs"])
+        lines += [f"end to end {key}, {case['new_tokens']} new tokens", "| metric | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]  # fmt: skip
+        for label, field, scale in ROWS:
+            cells = [case["configs"][n][field] for n in names]
+            lines.append(f"| {label} | " + " | ".join("-" if c is None else f"{c * scale:.3g}" for c in cells) + " |")
+        lines.append("")
+    if "layer" in result["parts"]:
+        layer = result["parts"]["layer"]["configs"]
+        lines.append("one layer, plain decode step ms: " + ", ".join(
+            f"{n} {r['plain_step_ms_mean']:.3g}" for n, r in layer.items()))  # fmt: skip
+    if "largest_batch" in result["parts"]:
+        rows = result["parts"]["largest_batch"]["rows"]
+        lines.append("largest batch: " + ", ".join(f"{n} {v}" for n, v in rows.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--cases", nargs="+", help="end-to-end BATCHxPROMPT cases (default: the shape's preset)")
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--memory-gib", type=float, help="memory the largest batch must fit (8b: 120)")
+    p.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    check_out(args.out)
+    preset = dict(PRESETS[args.shape])
+    cases = args.cases or preset["cases"]
+    new = args.new_tokens or preset["new_tokens"]
+    for case in cases:
+        try:
+            _case(case)
+        except ValueError:
+            p.error(f"--cases: '{case}' is not BATCHxPROMPT, e.g. 16x16384")
+    result: dict = {"shape": args.shape, **SHAPES[args.shape], "device": args.device, "dtype": args.dtype,
+                    "budget": BUDGET, "trim_interval": INTERVAL, "parts": {}}  # fmt: skip
+    if args.device.startswith("cuda"):
+        result["device_name"] = torch.cuda.get_device_name()
+
+    def record(name: str, value) -> None:
+        result["parts"][name] = value
+        write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+        print(name, "written", flush=True)
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if "b" in args.parts:  # a one-layer model first: the 8B one then has the memory to itself
+        layer_model = build_model(args.shape, dtype, args.device, num_hidden_layers=1, vocab_size=1024)
+        record("layer", end_to_end(layer_model, preset["layer_case"], 16, args.device))
+        del layer_model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    model = build_model(args.shape, dtype, args.device)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    if "a" in args.parts:
+        record("correctness", correctness(model, preset, args.device))
+    if "c" in args.parts or "d" in args.parts:
+        e2e = {}
+        for case in cases:
+            e2e[case] = end_to_end(model, case, new, args.device)
+            record("end_to_end", e2e)
+        if "d" in args.parts:
+            biggest = max(cases, key=lambda c: _case(c)[1])
+            limit = int((args.memory_gib or preset["memory_gib"]) * 2**30)
+            rows = largest_batch(e2e[biggest], weights, limit)
+            record("largest_batch", {"case": biggest, "memory_bytes": limit, "weights_bytes": weights, "rows": rows})
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
