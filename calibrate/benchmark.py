@@ -144,10 +144,12 @@ class _StepClock:
         return [b - a for a, b in pairs]
 
 
-def is_trim_step(step: int, interval: int | None) -> bool:
-    """Whether decode step `step` (1-based: tokens fed since prefill) is one where a schedule trimming every
-    `interval` tokens is due to trim (`PyramidCache` counts fed tokens the same way)."""
-    return interval is not None and step % interval == 0
+def is_trim_step(step: int, schedule: Schedule | None, layers: int) -> bool:
+    """Whether decode step `step` (1-based: tokens fed since prefill) is one where some compressed layer of a
+    `layers`-layer model under `schedule` is due to trim (None: stock, never)."""
+    if schedule is None:
+        return False
+    return any(schedule.decode.trims_after(step, i, layers) for i in range(layers) if schedule.ratios[i] < 1.0)
 
 
 def _ms(times: list[float]) -> tuple[float | None, float | None]:
@@ -161,12 +163,12 @@ def greedy_run(
     mask: torch.Tensor,
     new_tokens: int,
     cache=None,
-    trim_interval: int | None = None,
+    schedule: Schedule | None = None,
     tokens_out: list[torch.Tensor] | None = None,
 ) -> RunStats:
     """Prefill then `new_tokens - 1` single-token decode steps, as `generate` does, each step timed on its own.
 
-    trim_interval: the schedule's `decode.interval`, to tell trim steps from plain ones (None: all plain).
+    schedule: the schedule the model runs under, to tell trim steps from plain ones (None: all plain).
     tokens_out: if given, each generated [B, 1] token tensor is appended to it (the first comes from prefill).
     """
     device = ids.device
@@ -205,8 +207,9 @@ def greedy_run(
     else:
         peak = meter.peak - meter.base
     times = clock.seconds()
-    trims = [t for k, t in enumerate(times, 1) if is_trim_step(k, trim_interval)]
-    plain = [t for k, t in enumerate(times, 1) if not is_trim_step(k, trim_interval)]
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    trims = [t for k, t in enumerate(times, 1) if is_trim_step(k, schedule, layers)]
+    plain = [t for k, t in enumerate(times, 1) if not is_trim_step(k, schedule, layers)]
     plain_mean, plain_max = _ms(plain)
     trim_mean, trim_max = _ms(trims)
     return RunStats(
@@ -226,7 +229,9 @@ def greedy_run(
     )
 
 
-def _median(runs: list[RunStats]) -> RunStats:
+def median_run(runs: list[RunStats]) -> RunStats:
+    """Each figure's median over `runs` (None where a run has none)."""
+
     def med(name: str):
         vals = [getattr(r, name) for r in runs]
         if any(v is None for v in vals):
@@ -285,7 +290,7 @@ def compare(
     def run(name: str, steps: int) -> RunStats:
         if name == "schedule":
             with runtime.apply(model, schedule):
-                return greedy_run(model, ids, mask, steps, trim_interval=interval)
+                return greedy_run(model, ids, mask, steps, schedule=schedule)
         x, m = (cut_ids, cut_mask) if name == "precut" else (ids, mask)
         if name == "stock_dynamic":
             cache = DynamicCache(config=config)
@@ -309,7 +314,7 @@ def compare(
             if progress:
                 progress(f"repeat {i + 1}/{repeats}: {LABELS[name]}")
             runs[name].append(run(name, new_tokens))
-    med = {name: _median(r) for name, r in runs.items()}
+    med = {name: median_run(r) for name, r in runs.items()}
     batch = ids.shape[0]
     limit = kv_limit_bytes or med["stock_dynamic"].kv_bytes_peak
     largest = {name: int(limit // max(r.kv_bytes_peak / batch, 1)) for name, r in med.items()}
@@ -321,6 +326,7 @@ def compare(
         "new_tokens": new_tokens,
         "repeats": repeats,
         "trim_interval": interval,
+        "stagger": schedule.decode.stagger,
         "kv_limit_bytes": limit,
         "stock": asdict(med["stock_dynamic"]),  # older key: stock = stock DynamicCache
         "schedule": asdict(med["schedule"]),
@@ -377,6 +383,7 @@ def format_table(result: dict) -> str:
     lines += [
         "",
         f"pre-cut reference: stock attention on the last {result['precut_tokens']} of {result['prompt_tokens']} "
-        f"prompt tokens; trim steps: every {result['trim_interval']} tokens after prefill",
+        f"prompt tokens; trim steps: every {result['trim_interval']} tokens after prefill"
+        + (", staggered over the layers (a step where any layer trims)" if result.get("stagger") else ""),
     ]
     return "\n".join(lines)

@@ -152,7 +152,7 @@ def _run(model, name: str, schedules: dict, ids, mask, new: int) -> bench.RunSta
     config = model.config
     if name in schedules:
         with runtime.apply(model, schedules[name]):
-            return bench.greedy_run(model, ids, mask, new, trim_interval=INTERVAL)
+            return bench.greedy_run(model, ids, mask, new, schedule=schedules[name])
     if name == "precut":
         ids, mask = bench.precut_inputs(ids, mask, schedules["uniform"])
     if name == "stock_dynamic":

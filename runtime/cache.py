@@ -25,7 +25,7 @@ class Step:
     q_valid: torch.Tensor  # [B, q]
     has_invalid: bool  # python flag, so that mask-free fast paths need no device sync
     prefill: bool  # the cache was empty before this pass
-    trim_now: bool  # layers are trimmed after this pass
+    trim_now: list[bool]  # per layer: trimmed after this pass
     seen_slots: int  # positions fed so far, this pass included
     forward_idx: torch.Tensor | None = None  # drop mode: slots of this layer's input that go on [B, K]
     kept_idx: torch.Tensor | None = None  # drop mode: the same tokens as indices into the whole input [B, K]
@@ -462,7 +462,7 @@ class PyramidCache(Cache):
         self.seen_slots = 0  # positions fed so far, pads included: what generate slices its input by
         self.seen_valid: torch.Tensor | None = None  # [B] real tokens fed so far per row
         self.step: Step | None = None
-        self.since_trim = 0
+        self.since_trim = [0] * len(self.layers)  # per layer: tokens fed since its last trim
         # drop mode: after layer l only the tokens some deeper layer may keep go on; its largest share decides
         # (uncompressed full-attention layers need every token; sliding layers make do with what they get)
         need = [lay.top_ratio if lay.compressible else (None if lay.is_sliding else 1.0) for lay in self.layers]
@@ -478,24 +478,36 @@ class PyramidCache(Cache):
         """Called once per forward pass, before the first layer."""
         has_invalid = bool((~q_valid).any())  # one host sync per forward, never per layer
         prefill = self.seen_slots == 0
-        # Trim right after prefill, then once every `decode.interval` new tokens. Counting fed tokens (not the
-        # excess over a target) makes the moments the same for a row alone and in a padded batch, so its output
-        # does not depend on its neighbours; the scoring cost is paid once per interval.
-        self.since_trim += q_pos.shape[1]
-        trim_now = prefill or self.since_trim >= self.schedule.decode.interval
-        if trim_now:
-            self.since_trim = 0
+        q = q_pos.shape[1]
         self.step = Step(
             q_pos=q_pos,
             q_valid=q_valid,
             has_invalid=has_invalid,
             prefill=prefill,
-            trim_now=trim_now,
-            seen_slots=self.seen_slots + q_pos.shape[1],
+            trim_now=self._trims_due(prefill, q),
+            seen_slots=self.seen_slots + q,
         )
         added = q_valid.sum(-1)
         self.seen_valid = added if self.seen_valid is None else self.seen_valid + added
         self.seen_slots += q_pos.shape[1]
+
+    def _trims_due(self, prefill: bool, fed: int) -> list[bool]:
+        """Per layer, whether it trims after this pass: right after prefill, then once every `decode.interval` fed
+        tokens. Counting fed tokens (not the excess over a target) makes the moments the same for a row alone and
+        in a padded batch, so its output does not depend on its neighbours; the scoring cost is paid once per
+        interval. With `decode.stagger` layer i starts i * interval // L tokens into its interval."""
+        interval, layers = self.schedule.decode.interval, len(self.layers)
+        if prefill:
+            stagger = self.schedule.decode.stagger
+            self.since_trim = [i * interval // layers if stagger else 0 for i in range(layers)]
+            return [True] * layers
+        due = []
+        for i in range(layers):
+            self.since_trim[i] += fed
+            due.append(self.since_trim[i] >= interval)
+            if due[-1]:
+                self.since_trim[i] = 0
+        return due
 
     def end(self) -> None:
         self.step = None
@@ -517,7 +529,7 @@ class PyramidCache(Cache):
         for unit, q in parts:
             unit.scaling = scaling  # a plain layer is its own one unit
             unit.remember_queries(q, step)
-        due = [unit.due(schedule, self.seen_slots, step.trim_now) for unit, _ in parts]
+        due = [unit.due(schedule, self.seen_slots, step.trim_now[layer_idx]) for unit, _ in parts]
         m_max = self._forward_due(layer_idx)
         if m_max is not None or any(k is not None for k in due):
             scores = [unit.scores(schedule, scaling) for unit, _ in parts]
@@ -592,7 +604,8 @@ class PyramidCache(Cache):
             layers.append(forked)
         Cache.__init__(other, layers=layers)
         other.schedule = schedule
-        other.seen_slots, other.seen_valid, other.step, other.since_trim = self.seen_slots, self.seen_valid, None, 0
+        other.seen_slots, other.seen_valid, other.step = self.seen_slots, self.seen_valid, None
+        other.since_trim = [0] * len(other.layers)
         other.forward_ratio = [None] * len(other.layers)
         return other
 

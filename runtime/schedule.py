@@ -57,6 +57,14 @@ class Decode:
 
     interval: int = 32  # re-score and trim every this many new tokens
     max_tokens: int | None = None  # optional cap on tokens a layer keeps at each trim (it may grow by interval-1)
+    # spread the layers' trims over the interval (layer i of L runs i * interval // L tokens ahead), so that a
+    # decode step pays for about L / interval layers' trims instead of every layer's on every interval-th step
+    stagger: bool = False
+
+    def trims_after(self, fed: int, layer: int, layers: int) -> bool:
+        """Whether `layer` (of `layers`) trims after the `fed`-th token fed one at a time since prefill."""
+        offset = layer * self.interval // layers if self.stagger else 0
+        return fed > 0 and (fed + offset) % self.interval == 0
 
 
 @dataclass

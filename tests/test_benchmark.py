@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import DynamicCache, StaticCache
 import runtime
 from calibrate import benchmark as bench
 from runtime import Decode, Schedule
+from runtime.schedule import kept_tokens
 
 CONTEXT, NEW, INTERVAL = 96, 12, 4
 
@@ -56,28 +58,44 @@ def test_static_cache_decodes_the_same_greedy_tokens_as_dynamic_cache(family, se
         assert s.kv_bytes_end == d.kv_bytes_end
 
 
-def test_trim_steps_are_where_the_cache_shrinks(llama):
-    """The documented step rule matches the runtime: a compressed layer grows one slot per plain step and holds
-    fewer tokens after every step the rule calls a trim step (read through runtime.inspect only)."""
+@pytest.mark.parametrize("stagger", [False, True])
+def test_trim_steps_are_where_the_cache_shrinks(llama, stagger):
+    """The documented step rule matches the runtime: every compressed layer grows one slot per plain step and holds
+    fewer tokens after every step the rule says it trims (read through runtime.inspect only). Staggered, the layers
+    trim on different steps, and no step trims them all."""
     from runtime import inspect
 
     ids, mask = prompt_batch(rows=1)
     schedule = tiny_schedule()
+    schedule = dataclasses.replace(schedule, decode=dataclasses.replace(schedule.decode, stagger=stagger))
+    layers = llama.config.num_hidden_layers
     pos = torch.arange(CONTEXT).unsqueeze(0)
     with torch.inference_mode(), runtime.apply(llama, schedule):
         out = llama(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, kept = out.cache, [float(inspect.kept_per_row(out.cache, 3))]
+        cache = out.cache
+        kept = [[float(inspect.kept_per_row(cache, i)) for i in range(layers)]]
         for step in range(1, 3 * INTERVAL + 1):
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             nxt = out.logits[:, -1:].argmax(-1)
             out = llama(input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + step, cache=cache)
-            kept.append(float(inspect.kept_per_row(cache, 3)))
+            kept.append([float(inspect.kept_per_row(cache, i)) for i in range(layers)])
+    compressed = [i for i in range(layers) if schedule.ratios[i] < 1.0]
+    assert len(compressed) >= 2
+    shrunk = 0
     for step in range(1, len(kept)):
-        if bench.is_trim_step(step, INTERVAL):
-            assert kept[step] < kept[step - 1], (step, kept)
-        else:
-            assert kept[step] == kept[step - 1] + 1, (step, kept)
-    assert not bench.is_trim_step(INTERVAL, None)
+        for i in compressed:
+            if schedule.decode.trims_after(step, i, layers):  # back to its target (a layer within it stays)
+                target = kept_tokens(schedule.ratios[i], CONTEXT + step, schedule.sinks, schedule.window)
+                assert kept[step][i] == min(target, kept[step - 1][i] + 1), (step, i, kept)
+                shrunk += kept[step][i] < kept[step - 1][i]
+            else:
+                assert kept[step][i] == kept[step - 1][i] + 1, (step, i, kept)
+        trimming = [i for i in compressed if schedule.decode.trims_after(step, i, layers)]
+        assert bench.is_trim_step(step, schedule, layers) == bool(trimming)
+        if stagger:
+            assert len(trimming) < len(compressed)
+    assert shrunk >= 2 * len(compressed)
+    assert not bench.is_trim_step(INTERVAL, None, layers)
 
 
 def test_precut_reference_holds_the_schedules_share_of_the_prompt(llama, result):

@@ -198,3 +198,16 @@ def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     assert configs["precut"]["prompt_tokens"] == round(0.3 * 192)
     assert set(parts["largest_batch"]["rows"]) == set(configs)
     assert "| decode tok/s |" in capsys.readouterr().out
+
+
+def test_stagger_steps_compares_aligned_and_staggered_trims(tmp_path, capsys):
+    """Both settings run the same steps; aligned, only step 32 trims; staggered, most steps trim some layer."""
+    from experiments import stagger_steps
+
+    out = tmp_path / "s.json"
+    argv = ["--batch", "1", "--context", "160", "--new-tokens", "34", "--repeats", "1", "--out", str(out)]
+    assert stagger_steps.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["aligned"]["decode_steps"] == r["staggered"]["decode_steps"] == 33
+    assert r["aligned"]["trim_steps"] == 1 and r["staggered"]["trim_steps"] > 20
+    assert "| slowest step ms |" in capsys.readouterr().out

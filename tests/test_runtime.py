@@ -50,10 +50,11 @@ def test_all_ones_reproduces_stock_generation(family, attn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["evict", "drop"])
-@pytest.mark.parametrize("per_head", [True, False])
-def test_padded_batch_equals_each_row_alone(family, mode, per_head):
+@pytest.mark.parametrize("per_head, decode", [(True, Decode()), (False, Decode()), (True, Decode(8, stagger=True))])
+def test_padded_batch_equals_each_row_alone(family, mode, per_head, decode):
+    """Also with trims every 8 tokens staggered over the layers (4 trims per layer in the 40 new tokens)."""
     model = tiny_model(family)
-    sched = schedule_for(model, prefill_mode=mode, selection=Selection(per_head=per_head))
+    sched = schedule_for(model, prefill_mode=mode, selection=Selection(per_head=per_head), decode=decode)
     rows = prompts()
     ids, mask = left_pad(rows)
     with runtime.apply(model, sched):

@@ -23,7 +23,7 @@ def full_schedule() -> Schedule:
         selection=Selection(
             method="recent", per_head=False, query_weighting="linear", weight_max=1.5, pooling="avg", pool_kernel=5
         ),
-        decode=Decode(interval=8, max_tokens=512),
+        decode=Decode(interval=8, max_tokens=512, stagger=True),
         model=ModelInfo(
             name="tiny",
             num_layers=4,
@@ -121,6 +121,8 @@ BAD = {
     "even pool kernel": (_with(("selection", "pool_kernel"), 4), "selection.pool_kernel"),
     "decode interval 0": (_with(("decode", "interval"), 0), "decode.interval"),
     "max_tokens too small": (_with(("decode", "max_tokens"), 10), "decode.max_tokens"),
+    "stagger as text": (_with(("decode", "stagger"), "yes"), "decode.stagger"),
+    "stagger as a number": (_with(("decode", "stagger"), 1), "decode.stagger"),
     "window 0": (_with(("window",), 0), "'window': must be at least 1"),
     "sinks negative": (_with(("sinks",), -1), "'sinks'"),
     "prefill mode": (_with(("prefill_mode",), "keep"), "prefill_mode"),
