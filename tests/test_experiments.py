@@ -211,3 +211,14 @@ def test_stagger_steps_compares_aligned_and_staggered_trims(tmp_path, capsys):
     assert r["aligned"]["decode_steps"] == r["staggered"]["decode_steps"] == 33
     assert r["aligned"]["trim_steps"] == 1 and r["staggered"]["trim_steps"] > 20
     assert "| slowest step ms |" in capsys.readouterr().out
+
+
+def test_dtype_noise_measures_each_unit_in_both_dtypes(tmp_path, capsys):
+    from experiments import dtype_noise
+
+    out = tmp_path / "d.json"
+    assert dtype_noise.main(["--context-length", "256", "--units", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [u["layer"] for u in r["float32"]] == [u["layer"] for u in r["bfloat16"]] == [5]
+    assert r["float32"][0]["text_kl"] > 0 and r["bfloat16"][0]["text_kl"] > 0
+    assert "| 5 | all | 0.02 |" in capsys.readouterr().out

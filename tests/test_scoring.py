@@ -105,3 +105,19 @@ def test_scoring_only_scored_positions_equals_scoring_the_whole_continuation(fam
         torch.testing.assert_close(row.nll, nll, rtol=1e-4, atol=1e-6)
     assert sum(r.kl.numel() for r in rows) == sum(len(m) - (0 in m) for m in masks)
     assert sum(float(r.kl.sum()) for r in rows) > 0
+
+
+def test_scoring_only_scored_positions_on_smollm2(smollm2):
+    """The same on the real model with its retrieval tasks (a few answer digits scored of 48 tokens)."""
+    from calibrate import tasks
+
+    model, tok = smollm2
+    ev = Evaluator(model, tasks.make_tasks(tok, 3, 256, 48, seed=0), query_window=32, batch_size=2)
+    assert all(int(p[-1]) < 47 for p in ev.positions)  # the filler after the answer is never fed
+    heads = [[0.1, 0.5, 0.3] for _ in range(ev.layers)]
+    sched = Schedule(ratios=[1.0] * ev.layers, window=32, sinks=4).with_head_ratios(heads)
+    rows = ev.rows(sched)
+    for row, (kl, nll) in zip(rows, _naive_rows(model, ev, sched), strict=True):
+        torch.testing.assert_close(row.kl, kl, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(row.nll, nll, rtol=1e-4, atol=1e-5)
+    assert sum(float(r.kl.sum()) for r in rows) > 0
