@@ -153,8 +153,8 @@ def _estimate(progress, partial: PartialProfile, total: int, layers: int):
                "head sensitivity": sum(k.startswith("head.") for k in partial.tensors)}  # fmt: skip
     clock: dict[str, Any] = {"start": None, "told": False}
 
-    def report(phase: str, done: int, n: int) -> None:
-        progress(f"profile: {phase}", done, n)
+    def report(phase: str, done: int, n: int, work: tuple[float, float] | None = None) -> None:
+        progress(f"profile: {phase}", done, n, work=work)
         if clock["told"] or phase not in resumed or done < resumed[phase]:
             return
         now = time.perf_counter()

@@ -394,6 +394,9 @@ def single_layer_kl(
     units = [(layer, h) for layer in range(layers) if compressible[layer] for h in (range(heads) if heads else [0])]
     out = torch.zeros(len(evaluators), layers, heads or 1, len(grid))
     phase = "head sensitivity" if heads else "layer sensitivity"
+    # a curve runs layers l.. and the LM head (about a sixth of the layers' cost here): its share of the work
+    cost = [layers - layer + layers / 6 for layer, _ in units]
+    total_cost = sum(cost)
     for done, (layer, h) in enumerate(units, 1):
         name = curve_name(layer, h if heads else None)
         saved = checkpoint.get(name) if checkpoint else None
@@ -409,7 +412,7 @@ def single_layer_kl(
             if checkpoint:
                 checkpoint.put({name: out[:, layer, h].clone()})
         if progress:
-            progress(phase, done, len(units))
+            progress(phase, done, len(units), work=(sum(cost[:done]), total_cost))
     return out if heads else out[:, :, 0]
 
 
