@@ -184,7 +184,7 @@ def test_the_profiles_time_estimate_starts_after_the_resumed_curves(monkeypatch,
 
     clock = iter([0.0, 0.0, 100.0, 110.0, 999.0])
     monkeypatch.setattr(profile_store.time, "perf_counter", lambda: next(clock))
-    report = profile_store._estimate(lambda *a: None, Resumed(), total=13, layers=4)
+    report = profile_store._estimate(lambda *a, **k: None, Resumed(), total=13, layers=4)
     report("layer sensitivity", 4, 4)  # resumed: starts the layer phase's clock, which the head phase ignores
     report("head sensitivity", 1, 8)  # resumed
     report("head sensitivity", 1, 8)  # a tqdm refresh of the same count: the clock restarts in this phase
