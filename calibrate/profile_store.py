@@ -147,27 +147,29 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
 
 def _estimate(progress, partial: PartialProfile, total: int, layers: int):
     """The progress callback of a profile: moves its bars and, once one curve was measured (not resumed),
-    prints at most how long the curves left will take."""
+    prints about how long the curves left will take."""
     # units are measured in order, so the resumed ones are the first of each phase
     resumed = {"layer sensitivity": sum(k.startswith("layer.") for k in partial.tensors),
                "head sensitivity": sum(k.startswith("head.") for k in partial.tensors)}  # fmt: skip
+    heads = max(total - 1 - layers, 0) // max(layers, 1)  # KV heads with curves per layer (0: per layer only)
     clock: dict[str, Any] = {"start": None, "told": False}
 
     def report(phase: str, done: int, n: int, work: tuple[float, float] | None = None) -> None:
         progress(f"profile: {phase}", done, n, work=work)
-        if clock["told"] or phase not in resumed or done < resumed[phase]:
+        if clock["told"] or phase not in resumed or done < resumed[phase] or work is None:
             return
         now = time.perf_counter()
         start = clock["start"]
         if start is None or start[0] != phase or start[2] == done:  # the pace is taken within one phase
-            clock["start"] = (phase, now, done)
+            clock["start"] = (phase, now, done, work[0])
             return
-        each = (now - start[1]) / (done - start[2])
+        pace = (now - start[1]) / max(work[0] - start[3], 1e-9)  # seconds per unit of work
         finished = 1 + done + (layers if phase == "head sensitivity" else 0)  # the recall pass counts as one
-        left = total - finished
-        # a curve runs the continuation from its layer on, so the first layers' curves are the slowest
-        print(f"profile: at most {each * left / 60:.1f} min for the {left} curves left ({each:.1f} s for "
-              "one of the slowest; --no-per-head or --quick for less)", flush=True)  # fmt: skip
+        # the head curves cost what the layer curves cost, once per KV head: a layer's phase total each
+        left_work = work[1] - work[0] + (heads * work[1] if phase == "layer sensitivity" else 0.0)
+        minutes = pace * left_work / 60
+        print(f"profile: about {minutes:.1f} min for the {total - finished} curves left (from the pace so far; "
+              "a deeper layer's curve is cheaper; --no-per-head or --quick for less)", flush=True)  # fmt: skip
         clock["told"] = True
 
     return report

@@ -48,4 +48,4 @@ def eta(start: tuple[float, float], now: float, done: float, total: float) -> st
     if done <= done_then or now <= clock:
         return ""
     left = (now - clock) / (done - done_then) * max(total - done, 0.0)
-    return f", about {int(left // 60)}:{int(left % 60):02d} left"
+    return f"about {int(left // 60)}:{int(left % 60):02d} left"

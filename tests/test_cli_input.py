@@ -185,14 +185,21 @@ def test_the_profiles_time_estimate_starts_after_the_resumed_curves(monkeypatch,
     clock = iter([0.0, 0.0, 100.0, 110.0, 999.0])
     monkeypatch.setattr(profile_store.time, "perf_counter", lambda: next(clock))
     report = profile_store._estimate(lambda *a, **k: None, Resumed(), total=13, layers=4)
-    report("layer sensitivity", 4, 4)  # resumed: starts the layer phase's clock, which the head phase ignores
-    report("head sensitivity", 1, 8)  # resumed
-    report("head sensitivity", 1, 8)  # a tqdm refresh of the same count: the clock restarts in this phase
-    report("head sensitivity", 2, 8)  # the first measured head curve: 10 s
-    report("head sensitivity", 3, 8)  # told once only
+    # as profiling.single_layer_kl reports it: a head curve of layer l costs 4 - l + 4/6 of the work
+    cost = [4 - layer + 4 / 6 for layer in range(4) for _ in range(2)]
+
+    def work(done: int) -> tuple[float, float]:
+        return sum(cost[:done]), sum(cost)
+
+    report("layer sensitivity", 4, 4, work=(14.0, 14.0))  # resumed: starts the layer phase's clock, not the heads'
+    report("head sensitivity", 1, 8, work=work(1))  # resumed
+    report("head sensitivity", 1, 8, work=work(1))  # a tqdm refresh of the same count: the clock restarts
+    report("head sensitivity", 2, 8, work=work(2))  # the first measured head curve (layer 0): 10 s
+    report("head sensitivity", 3, 8, work=work(3))  # told once only
+    # 10 s for 4.67 units of work, 16 units left: 34 s, although 6 of the 8 curves are left
     assert capsys.readouterr().out.splitlines() == [
-        "profile: at most 1.0 min for the 6 curves left (10.0 s for one of the slowest; --no-per-head or --quick "
-        "for less)"
+        "profile: about 0.6 min for the 6 curves left (from the pace so far; a deeper layer's curve is cheaper; "
+        "--no-per-head or --quick for less)"
     ]
 
 

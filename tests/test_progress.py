@@ -7,9 +7,9 @@ from calibrate.progress import Progress, eta
 
 def test_eta_follows_the_work_left():
     # 10 s for 2 of 10 work units since the bar started: 8 left at that pace
-    assert eta((100.0, 0.0), 110.0, 2.0, 10.0) == ", about 0:40 left"
+    assert eta((100.0, 0.0), 110.0, 2.0, 10.0) == "about 0:40 left"
     # resumed at 4: only the work done since counts towards the pace
-    assert eta((100.0, 4.0), 130.0, 5.0, 10.0) == ", about 2:30 left"
+    assert eta((100.0, 4.0), 130.0, 5.0, 10.0) == "about 2:30 left"
     assert eta((100.0, 4.0), 130.0, 4.0, 10.0) == ""  # nothing timed yet
 
 
@@ -23,5 +23,5 @@ def test_a_bar_with_work_shows_the_work_eta_instead_of_the_count_eta(monkeypatch
     bars("curves", 0, 3, work=(0.0, 40.0))
     bars("curves", 1, 3, work=(30.0, 40.0))
     bar = bars.bars["curves"]
-    assert bar.postfix == ", about 0:10 left" and "{remaining}" not in bar.bar_format
+    assert bar.postfix == "about 0:10 left" and "{remaining}" not in bar.bar_format
     bars.close()
