@@ -222,3 +222,20 @@ def test_dtype_noise_measures_each_unit_in_both_dtypes(tmp_path, capsys):
     assert [u["layer"] for u in r["float32"]] == [u["layer"] for u in r["bfloat16"]] == [5]
     assert r["float32"][0]["text_kl"] > 0 and r["bfloat16"][0]["text_kl"] > 0
     assert "| 5 | all | 0.02 |" in capsys.readouterr().out
+
+
+def test_head_curve_shortcuts_scores_each_shortcut_against_the_measured_curves(repo_root, tmp_path, capsys):
+    """On the shipped profile: no head curves at all costs far more than any partial shortcut, and a shortcut that
+    keeps every grid point would cost nothing (checked through `scaled` itself)."""
+    from calibrate.profiling import Profile
+    from experiments import head_curve_shortcuts as hcs
+
+    stem = repo_root / "schedules" / "smollm2-135m-instruct"
+    out = tmp_path / "h.json"
+    assert hcs.main(["--profile", str(stem), "--out", str(out)]) == 0
+    rows = {r["shortcut"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["per layer"]["b0.3"] > 2.0
+    assert all(0.99 <= r["b0.3"] < rows["per layer"]["b0.3"] for n, r in rows.items() if n != "per layer")
+    prof = Profile.load(stem)
+    torch.testing.assert_close(hcs.scaled(prof, list(range(len(prof.grid)))), prof.head_parts, rtol=1e-5, atol=1e-9)
+    assert "| per layer | 100% |" in capsys.readouterr().out
