@@ -208,8 +208,9 @@ def greedy_run(
         peak = meter.peak - meter.base
     times = clock.seconds()
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    trims = [t for k, t in enumerate(times, 1) if is_trim_step(k, schedule, layers)]
-    plain = [t for k, t in enumerate(times, 1) if not is_trim_step(k, schedule, layers)]
+    trimmed = [is_trim_step(k, schedule, layers) for k in range(1, len(times) + 1)]
+    trims = [t for t, trim in zip(times, trimmed, strict=True) if trim]
+    plain = [t for t, trim in zip(times, trimmed, strict=True) if not trim]
     plain_mean, plain_max = _ms(plain)
     trim_mean, trim_max = _ms(trims)
     return RunStats(

@@ -43,7 +43,8 @@ class Progress:
 
 
 def eta(start: tuple[float, float], now: float, done: float, total: float) -> str:
-    """ ", about M:SS left" from the pace since `start` (clock, work done then); "" before any work was timed."""
+    """The postfix "about M:SS left" from the pace since `start` (clock, work done then), or "" before any work
+    was timed (tqdm puts the comma before it)."""
     clock, done_then = start
     if done <= done_then or now <= clock:
         return ""
