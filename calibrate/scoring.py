@@ -44,21 +44,54 @@ class Scores:
         return float(torch.tensor(self.nll).exp())
 
 
-def row_scores(
-    ex: Example, logp: torch.Tensor, ref: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Per scored token of one continuation: KL(full || compressed), NLL; and whether every one is argmax-right.
+@dataclass
+class Reference:
+    """The full cache's next-token distributions at a batch's scored positions [b, P, V], kept as logits,
+    probabilities and log-normalisers, the form in which a candidate's KL is cheap and precise (`token_scores`)."""
 
-    `logp`/`ref` are [P, V] log-probabilities at continuation `positions` [P] (`scored_positions`); position t
-    predicts continuation token t+1.
+    logits: torch.Tensor  # [b, P, V]
+    probs: torch.Tensor  # [b, P, V]
+    lse: torch.Tensor  # [b, P] logsumexp of the logits
+    mass: torch.Tensor  # [b, P] sum of probs (1 up to rounding; divided out so that the KL's terms cancel exactly)
+    # two [b, P, V] buffers that every scoring of this batch reuses: fresh ones would cost their page faults (a
+    # fresh 75 MB temporary per product took longer than the product itself)
+    work: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> Reference:
+        lse = torch.logsumexp(logits, -1)
+        probs = torch.exp(logits - lse[..., None])
+        return cls(logits, probs, lse, probs.sum(-1))
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.work is None:
+            self.work = (torch.empty_like(self.logits), torch.empty_like(self.logits))
+        return self.work
+
+
+def token_scores(
+    logits: torch.Tensor, ref: Reference, targets: torch.Tensor, argmax: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """KL(full || compressed) and NLL of `targets` [b, P] at every position of `logits` [b, P, V]; the argmax too
+    when asked (exact match of retrieval answers).
+
+    With p the full cache's distribution and d = logits - ref.logits (the change of every logit, small where the
+    compression matters little), lse(logits) = ref.lse + log sum p e^d, so for any shift m
+    KL = sum p (log p - log q) = log1p(sum p expm1(d - m)) - sum p (d - m).
+    With m the p-weighted mean of d every term is as small as the change itself: KLs of 1e-9 nats keep their
+    digits, where differencing two float32 log-softmaxes (magnitude ~10) is off by ~1e-7; the second sum takes
+    out, to first order, the rounding of m. Sums are pairwise ((p * x).sum): a batched mat-vec accumulates in
+    sequence and loses ~1e-5 relative over a 50k vocabulary. Not reentrant: it works in `ref`'s buffers.
     """
-    sel = ex.scored[1:][positions]
-    targets = ex.continuation[1:][positions][sel].to(logp.device)
-    sel = sel.to(logp.device)
-    lp, rp = logp[sel], ref[sel]
-    kl = (rp.exp() * (rp - lp)).sum(-1)
-    nll = -lp.gather(-1, targets[:, None])[:, 0]
-    return kl, nll, bool((lp.argmax(-1) == targets).all())
+    d, prod = ref.buffers()
+    torch.sub(logits, ref.logits, out=d)
+    m = torch.mul(ref.probs, d, out=prod).sum(-1) / ref.mass
+    d.sub_(m[..., None])
+    centred = torch.mul(ref.probs, d, out=prod).sum(-1) / ref.mass
+    log_ratio = torch.log1p(torch.mul(ref.probs, d.expm1_(), out=prod).sum(-1) / ref.mass)  # log sum p e^(d - m)
+    kl = log_ratio - centred
+    nll = ref.lse + m + log_ratio - logits.gather(-1, targets[..., None])[..., 0]
+    return kl, nll, logits.argmax(-1) if argmax else None
 
 
 def scored_positions(examples: Sequence[Example]) -> torch.Tensor:
@@ -149,9 +182,13 @@ class Evaluator:
         self.plan = layer_plan(model)
         self.batches = _batches(len(self.examples), batch_size)
         self.caches: list[PyramidCache] = []
-        # per batch: the continuation positions scored by any of its rows, and the full cache's log-probs there
+        # per batch: the continuation positions scored by any of its rows, and the full cache's distributions there
         self.positions = [scored_positions([self.examples[j] for j in idx]) for idx in self.batches]
-        self.reference: list[torch.Tensor] = []  # per batch: [b, P, V]
+        self.reference: list[Reference] = []
+        # per batch, at those positions: each row's next tokens [b, P] and whether the row scores there [b, P]
+        self.targets = [self._at_positions(idx, b, "continuation") for b, idx in enumerate(self.batches)]
+        self.scored = [self._at_positions(idx, b, "scored") for b, idx in enumerate(self.batches)]
+        self.retrieval = [any(self.examples[j].kind == "retrieval" for j in idx) for idx in self.batches]
         # per batch, per layer: its input hidden states [b, n, D] in the full-cache continuation (`from_layer`),
         # n the continuation tokens that reach the last scored position
         self.layer_inputs: list[list[torch.Tensor]] = []
@@ -167,7 +204,7 @@ class Evaluator:
                     for layer in decoder_layers(model)
                 ]
                 try:
-                    self.reference.append(self._continuation_logprobs(idx, self.probe))
+                    self.reference.append(Reference.of(self._continuation_logits(idx, self.probe)))
                 finally:
                     for h in handles:
                         h.remove()
@@ -179,10 +216,15 @@ class Evaluator:
     def context_length(self) -> int:
         return self.examples[0].context.numel()
 
-    def _continuation_logprobs(
+    def _at_positions(self, idx: range, b: int, name: str) -> torch.Tensor:
+        """[b, P]: each row's `name` ("continuation", "scored") for the token that position t predicts (t+1), at
+        the positions that batch `b` scores."""
+        return torch.stack([getattr(self.examples[j], name)[1:][self.positions[b]] for j in idx]).to(self.model.device)
+
+    def _continuation_logits(
         self, idx: range, schedule: Schedule, cache: PyramidCache | None = None, from_layer: int = 0
     ) -> torch.Tensor:
-        """[b, P, V] log-probabilities at the batch's scored positions, the continuation fed only up to the last."""
+        """[b, P, V] float logits at the batch's scored positions, the continuation fed only up to the last."""
         b = self.batches.index(idx)
         if cache is None:
             cache = self.caches[b].fork(schedule)
@@ -193,7 +235,7 @@ class Evaluator:
         keep = 0 if positions.numel() == n else positions.to(self.model.device)  # 0: every position
         with _layers_from(self.model, from_layer, hidden):
             logits = self.model(cont, cache=cache, logits_to_keep=keep).logits
-        return torch.log_softmax(logits.float(), dim=-1)
+        return logits.float()
 
     def compressed_cache(self, batch: int, schedule: Schedule) -> PyramidCache:
         cache = self.caches[batch].fork(schedule)
@@ -234,13 +276,15 @@ class Evaluator:
                     cache = self.compressed_cache(b, schedule)
                 # measured before the continuation adds to the cache
                 kv = row_kv_fractions(cache, self.plan, [self.context_length] * len(idx)) if measure_kv else None
-                logp = self._continuation_logprobs(idx, schedule, cache, from_layer)
+                logits = self._continuation_logits(idx, schedule, cache, from_layer)
+                kl, nll, top = token_scores(logits, self.reference[b], self.targets[b], self.retrieval[b])
                 batch = []
                 for row, j in enumerate(idx):
-                    ex = self.examples[j]
-                    kl, nll, correct = row_scores(ex, logp[row], self.reference[b][row], self.positions[b])
-                    correct = correct if ex.kind == "retrieval" else None
-                    batch.append(Row(j, kl, nll, correct, None if kv is None else kv[row]))
+                    sel = self.scored[b][row]
+                    correct = None
+                    if self.examples[j].kind == "retrieval":
+                        correct = bool((top[row][sel] == self.targets[b][row][sel]).all())
+                    batch.append(Row(j, kl[row][sel], nll[row][sel], correct, None if kv is None else kv[row]))
                 out += batch
                 if on_batch is not None:
                     on_batch(b + 1, batch)

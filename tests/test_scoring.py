@@ -9,7 +9,7 @@ from tiny_models import tiny_model
 
 import runtime
 from calibrate.profiling import _one_part_compressed
-from calibrate.scoring import Evaluator, Example
+from calibrate.scoring import Evaluator, Example, Reference, token_scores
 from runtime.schedule import Schedule
 
 
@@ -66,12 +66,13 @@ def test_from_layer_equals_the_whole_model_on_smollm2(smollm2, shared_data):
 
 
 def _naive_rows(model, ev: Evaluator, schedule: Schedule) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(KL, NLL) per scored token the simple way: the whole continuation, every position's logits."""
+    """(KL, NLL) per scored token the simple way: the whole continuation, every position's logits, the KL as
+    the difference of two log-softmaxes in float64."""
 
     def logprobs(b, sched, cache):
         cont = torch.stack([ev.examples[j].continuation for j in ev.batches[b]])
         with runtime.apply(model, sched):
-            return torch.log_softmax(model(cont, cache=cache).logits.float(), -1)
+            return torch.log_softmax(model(cont, cache=cache).logits.double(), -1)
 
     out = []
     for b, idx in enumerate(ev.batches):
@@ -101,8 +102,8 @@ def test_scoring_only_scored_positions_equals_scoring_the_whole_continuation(fam
     sched = Schedule(ratios=[0.3] * ev.layers, window=8, sinks=2)
     rows = ev.rows(sched)
     for row, (kl, nll) in zip(rows, _naive_rows(model, ev, sched), strict=True):
-        torch.testing.assert_close(row.kl, kl, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(row.nll, nll, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(row.kl.double(), kl, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(row.nll.double(), nll, rtol=1e-4, atol=1e-6)
     assert sum(r.kl.numel() for r in rows) == sum(len(m) - (0 in m) for m in masks)
     assert sum(float(r.kl.sum()) for r in rows) > 0
 
@@ -118,6 +119,27 @@ def test_scoring_only_scored_positions_on_smollm2(smollm2):
     sched = Schedule(ratios=[1.0] * ev.layers, window=32, sinks=4).with_head_ratios(heads)
     rows = ev.rows(sched)
     for row, (kl, nll) in zip(rows, _naive_rows(model, ev, sched), strict=True):
-        torch.testing.assert_close(row.kl, kl, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(row.nll, nll, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(row.kl.double(), kl, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(row.nll.double(), nll, rtol=1e-4, atol=1e-5)
     assert sum(float(r.kl.sum()) for r in rows) > 0
+
+
+def test_token_scores_keep_the_digits_of_tiny_kls():
+    """KL and NLL from the logits' change against float64 ground truth, for perturbations that give KLs of
+    1e-10..1e-1 nats (a single head's curve reaches 1e-7): within 0.5% + 1e-10 nats, where differencing two
+    float32 log-softmaxes is off by ~1e-7 nats, more than the smallest KLs themselves."""
+    g = torch.Generator().manual_seed(0)
+    ref_logits = 3 * torch.randn(2, 40, 5000, generator=g)
+    scale = torch.logspace(-5, -0.5, 40)[None, :, None]
+    logits = ref_logits + scale * torch.randn(2, 40, 5000, generator=g)
+    targets = torch.randint(0, 5000, (2, 40), generator=g)
+    kl, nll, top = token_scores(logits, Reference.of(ref_logits), targets, argmax=True)
+    r64, z64 = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+    kl64 = (r64.exp() * (r64 - z64)).sum(-1)
+    assert float(kl64.min()) < 1e-9 and float(kl64.max()) > 1e-2
+    torch.testing.assert_close(kl.double(), kl64, rtol=5e-3, atol=1e-10)
+    torch.testing.assert_close(nll.double(), -z64.gather(-1, targets[..., None])[..., 0], rtol=1e-6, atol=1e-5)
+    assert torch.equal(top, logits.argmax(-1))
+    r32, z32 = torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1)
+    naive = (r32.exp() * (r32 - z32)).sum(-1).double()
+    assert float((naive - kl64).abs().max()) > 1e-8  # the float32 difference of log-softmaxes is not that close
