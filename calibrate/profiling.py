@@ -238,7 +238,7 @@ def _attention_recall(
     scaling: float,
     grid: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recall and overlap at each grid ratio, averaged over rows, heads and future queries."""
+    """Recall and overlap [H, G] per KV head at each grid ratio, averaged over rows and future queries."""
     b, hq, m, d = future_q.shape
     h = keys.shape[1]
     g = hq // h
@@ -258,10 +258,10 @@ def _attention_recall(
     for ratio in grid:
         k = max(1, math.ceil(ratio * n_sel))
         keep = torch.zeros_like(rec, dtype=torch.bool).scatter_(-1, order[..., :k], True)
-        recalls.append(float((probs * keep[:, :, None, :]).sum(-1).div(mass).mean()))
+        recalls.append((probs * keep[:, :, None, :]).sum(-1).div(mass).mean((0, 2)))
         top_future = torch.zeros_like(keep).scatter_(-1, future_order[..., :k], True)
-        overlaps.append(float((keep & top_future).sum(-1).float().div(k).mean()))
-    return torch.tensor(recalls), torch.tensor(overlaps)
+        overlaps.append((keep & top_future).sum(-1).float().div(k).mean(0))
+    return torch.stack(recalls, -1).cpu(), torch.stack(overlaps, -1).cpu()
 
 
 @torch.inference_mode()
@@ -275,19 +275,22 @@ def attention_recall(
     windows: list[int],
     progress: Callable[[str, int, int], None] | None = None,
     checkpoint: Checkpoint | None = None,
+    by_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recall [L, G], overlap [L, G] and recall at ratio ~0.2 per recent-window size [L, W]: how well the recent
-    window's attention picks the keys that the continuation's queries attend to (PyramidInfer's RAC)."""
+    window's attention picks the keys that the continuation's queries attend to (PyramidInfer's RAC).
+    `by_head`: recall and overlap per KV head, [L, H, G] (not checkpointed)."""
     layers = evaluator.layers
     compressible = [c for c, _ in runtime.families.layer_plan(model)]
-    recall = torch.zeros(layers, len(grid))
-    overlap = torch.zeros(layers, len(grid))
+    kv_heads = runtime.families.model_info(model).num_kv_heads
+    recall = torch.zeros(layers, kv_heads, len(grid))
+    overlap = torch.zeros(layers, kv_heads, len(grid))
     window_recall = torch.zeros(layers, len(windows))
     i02 = min(range(len(grid)), key=lambda i: abs(grid[i] - 0.2))
     n_batches = len(evaluator.batches)
     m = evaluator.examples[0].continuation.numel()
     ctx_len = evaluator.context_length
-    saved = [checkpoint.get(k) for k in RECALL_CURVES] if checkpoint else [None]
+    saved = [checkpoint.get(k) for k in RECALL_CURVES] if checkpoint and not by_head else [None]
     if all(t is not None for t in saved):
         if progress:
             progress("attention recall", n_batches, n_batches)
@@ -316,9 +319,12 @@ def attention_recall(
                 if w == window:
                     recall[layer] += rec / n_batches
                     overlap[layer] += ov / n_batches
-                window_recall[layer, wi] += float(rec[0] if w != window else rec[i02]) / n_batches
+                window_recall[layer, wi] += float((rec[:, 0] if w != window else rec[:, i02]).mean()) / n_batches
         if progress:
             progress("attention recall", bi + 1, n_batches)
+    if by_head:
+        return recall, overlap, window_recall
+    recall, overlap = recall.mean(1), overlap.mean(1)
     if checkpoint:
         checkpoint.put(dict(zip(RECALL_CURVES, (recall, overlap, window_recall))))
     return recall, overlap, window_recall

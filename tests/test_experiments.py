@@ -239,3 +239,34 @@ def test_head_curve_shortcuts_scores_each_shortcut_against_the_measured_curves(r
     prof = Profile.load(stem)
     torch.testing.assert_close(hcs.scaled(prof, list(range(len(prof.grid)))), prof.head_parts, rtol=1e-5, atol=1e-9)
     assert "| per layer | 100% |" in capsys.readouterr().out
+
+
+def test_recall_by_head_averages_to_the_layer_recall_and_splits_the_layer_curve():
+    """`attention_recall(by_head=True)` is the per-KV-head form of the profile's recall (its head mean is the
+    same); `recall_head_split` shares a layer's curve out over its heads and the shares add back up to it."""
+    from tiny_models import tiny_model
+
+    from calibrate import tasks
+    from calibrate.profiling import Profile, attention_recall
+    from calibrate.scoring import Evaluator
+    from experiments.recall_head_split import split_by_loss
+    from runtime.schedule import Selection
+
+    model = tiny_model("llama", kv_heads=2)
+    windows = torch.randint(3, 128, (3, 112), generator=torch.Generator().manual_seed(0))
+    ev = Evaluator(model, tasks.text_examples(windows, 96), query_window=16, sinks=2, batch_size=2)
+    grid = [0.1, 0.25, 0.5]
+    layer_recall, layer_overlap, _ = attention_recall(model, ev, 2, 8, Selection(), grid, [8])
+    recall, overlap, _ = attention_recall(model, ev, 2, 8, Selection(), grid, [8], by_head=True)
+    assert recall.shape == (ev.layers, 2, 3)
+    torch.testing.assert_close(recall.mean(1), layer_recall)
+    torch.testing.assert_close(overlap.mean(1), layer_overlap)
+    assert float((recall[:, 0] - recall[:, 1]).abs().max()) > 0  # the heads do differ
+    parts = torch.rand(2, ev.layers, 3, generator=torch.Generator().manual_seed(1))
+    prof = Profile(grid=grid, windows=[8], recall=layer_recall, overlap=layer_overlap,
+                   window_recall=torch.zeros(ev.layers, 1), sensitivity=parts.mean(0), compressible=[True] * ev.layers,
+                   parts=parts)  # fmt: skip
+    split = split_by_loss(prof, 1 - recall)
+    torch.testing.assert_close(split.sum(2), parts)
+    equal = split_by_loss(prof, torch.ones_like(recall))
+    torch.testing.assert_close(equal, parts[:, :, None].expand(-1, -1, 2, -1) / 2)
