@@ -9,14 +9,15 @@ written to --out as soon as it is measured, and a side-by-side table is printed 
 
 - a. correctness: the all-ones schedule against stock greedy on a left-padded batch (tokens equal, argmax
   agreement, max |logit diff| of the first token); under a per-head schedule, each row of the padded batch against
-  that row alone; the KV the per-head schedule keeps after prefill against its `kv_fraction`.
+  that row alone; the same padded batch decoded with the Triton kernel against head by head (where Triton runs);
+  the KV the per-head schedule keeps after prefill against its `kv_fraction`.
 - b. one layer (a one-layer model of the same shape): a decode step with stock StaticCache at the full length,
-  stock at the kept length (pre-cut), a per-layer uniform 0.3 schedule and a per-head 0.3 schedule (whose layers
-  attend head by head).
+  stock at the kept length (pre-cut), a per-layer uniform 0.3 schedule and a per-head 0.3 schedule, its layers
+  attending head by head (`per_head`) and in one Triton launch (`per_head_kernel`, where Triton runs).
 - c. end to end at each --cases BxT with --new-tokens: prefill seconds, plain and trim step times, decode
   tokens/s, KV bytes and peak memory for stock DynamicCache, stock StaticCache, the pre-cut reference, uniform 0.3
-  and per-head 0.3 (seeded lognormal shares, rescaled to the budget). Each configuration is warmed once at the
-  same shape (through its first trim) before its timed run.
+  and per-head 0.3 (seeded lognormal shares, rescaled to the budget), head by head and with the kernel. Each
+  configuration is warmed once at the same shape (through its first trim) before its timed run.
 - d. the largest batch that fits --memory-gib, from each configuration's measured peak memory per row at the
   largest case (weights counted once).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import torch
@@ -47,6 +49,7 @@ PRESETS = {  # per shape: the end-to-end cases, new tokens, the correctness batc
 }
 BUDGET = 0.3
 INTERVAL = 8  # trim every 8 decode tokens, so that the runs have several trim steps
+KERNEL = "per_head_kernel"  # the per-head schedule under runtime.apply(..., ragged_kernel=True)
 
 
 def per_head_schedule(layers: int, heads: int, context: int, seed: int = 0) -> Schedule:
@@ -86,12 +89,12 @@ def _first_logits(model, ids, mask, schedule: Schedule | None) -> torch.Tensor:
         return model(**kw).logits[:, -1].float()
 
 
-def _greedy(model, ids, mask, new: int, schedule: Schedule | None) -> torch.Tensor:
+def _greedy(model, ids, mask, new: int, schedule: Schedule | None, kernel: bool = False) -> torch.Tensor:
     out: list[torch.Tensor] = []
     if schedule is None:
         bench.greedy_run(model, ids, mask, new, DynamicCache(config=model.config), tokens_out=out)
     else:
-        with runtime.apply(model, schedule):
+        with runtime.apply(model, schedule, ragged_kernel=kernel):
             bench.greedy_run(model, ids, mask, new, tokens_out=out)
     return torch.cat(out, dim=1)
 
@@ -119,7 +122,12 @@ def correctness(model, preset: dict, device: str) -> dict:
         kept = sum(float(runtime.inspect.kept_per_row(cache, i).float().mean()) for i in range(layers)) / layers
         kv = runtime.kv_bytes(cache)
     full_kv = 2 * 2 * layers * config.num_key_value_heads * config.head_dim * n * model.dtype.itemsize
+    kernel = {}
+    if kernel_available(device):  # the one-launch decode of split layers against the per-head path, padded batch
+        tokens = _greedy(model, ids, mask, new, heads, kernel=True)
+        kernel = {"kernel_tokens_equal": int((tokens == batch_tokens).sum()), "kernel_tokens": tokens.numel()}
     return {
+        **kernel,
         "prompt_lengths": lengths,
         "new_tokens": new,
         "all_ones_tokens_equal": int((stock_tokens == ones_tokens).sum()),
@@ -138,20 +146,32 @@ def _case(text: str) -> tuple[int, int]:
     return int(b), int(t)
 
 
-def _configs(model, prompt: int) -> dict[str, Schedule | None]:
+def kernel_available(device: str) -> bool:
+    """Whether `runtime.apply(..., ragged_kernel=True)` can run here: Triton on CUDA, or its CPU interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(model, prompt: int, device: str) -> dict[str, Schedule | None]:
     config = model.config
     layers = config.num_hidden_layers
-    return {
+    schedules = {
         "uniform": _with_interval(rescale_to_budget(uniform(layers, BUDGET), BUDGET, prompt)),
         "per_head": per_head_schedule(layers, config.num_key_value_heads, prompt),
     }
+    if kernel_available(device):  # the same per-head schedule, its split layers decoded in one launch each
+        schedules[KERNEL] = schedules["per_head"]
+    return schedules
 
 
 def _run(model, name: str, schedules: dict, ids, mask, new: int) -> bench.RunStats:
     """One greedy run of configuration `name`: stock_dynamic, stock_static, precut, or a schedule's name."""
     config = model.config
     if name in schedules:
-        with runtime.apply(model, schedules[name]):
+        with runtime.apply(model, schedules[name], ragged_kernel=name == KERNEL):
             return bench.greedy_run(model, ids, mask, new, schedule=schedules[name])
     if name == "precut":
         ids, mask = bench.precut_inputs(ids, mask, schedules["uniform"])
@@ -164,7 +184,7 @@ def end_to_end(model, case: str, new: int, device: str, warm: bool = True) -> di
     b, t = _case(case)
     ids = _ids(b, t, model.config.vocab_size, device, seed=3)
     mask = torch.ones_like(ids)
-    schedules = _configs(model, t)
+    schedules = _configs(model, t, device)
     out = {}
     for name in ("stock_dynamic", "stock_static", "precut", *schedules):
         if warm:  # the same shape, through the first trim: lazy init and the allocator's first growth untimed

@@ -12,6 +12,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .ragged_decode import ragged_decode
+
 SDPA = "pyramid_sdpa"
 EAGER = "pyramid_eager"
 
@@ -31,6 +33,18 @@ def _eager(module, query, key, value, mask, is_causal=None, **kwargs):
     return eager_attention_forward(module, query, key, value, mask, **kwargs)
 
 
+def _kernel_applies(step, parts, query, kwargs) -> bool:
+    """The one-launch kernel does what the per-head loop does only for a decode token that is not padding, over
+    heads whose sliding window (if any) still spans every slot, with no logit soft-capping or dropout."""
+    return (
+        query.shape[2] == 1
+        and not step.has_invalid
+        and all(unit.sliding_window is None or step.seen_slots <= unit.sliding_window for unit, _ in parts)
+        and kwargs.get("softcap") is None
+        and not kwargs.get("dropout")
+    )
+
+
 def _make(base):
     def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         found = kwargs.pop("pyramid", None)
@@ -40,9 +54,18 @@ def _make(base):
         if found is None:  # no cache in this call: plain causal attention
             return base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         cache, layer_idx = found
+        parts = cache.layers[layer_idx].parts(query)
+        if len(parts) > 1 and cache.ragged_kernel and _kernel_applies(cache.step, parts, query, kwargs):
+            units = [unit for unit, _ in parts]
+            out = ragged_decode(
+                query, [u.keys for u in units], [u.values for u in units], [u.valid for u in units], scaling,
+                has_invalid=any(u.has_invalid for u in units),
+            )  # fmt: skip
+            cache.after_attention(layer_idx, query, scaling)
+            return out, None
         outs = []
         # one part for a plain layer; one per KV head (with its query group) where heads keep different shares
-        for unit, q in cache.layers[layer_idx].parts(query):
+        for unit, q in parts:
             mask = unit.attention_mask(cache.step, q.shape[1])
             causal = mask is None
             outs.append(base(module, q, unit.keys, unit.values, mask, scaling=scaling, is_causal=causal, **kwargs))

@@ -463,6 +463,7 @@ class PyramidCache(Cache):
         self.seen_valid: torch.Tensor | None = None  # [B] real tokens fed so far per row
         self.step: Step | None = None
         self.since_trim = [0] * len(self.layers)  # per layer: tokens fed since its last trim
+        self.ragged_kernel = False  # decode split layers in one kernel launch (`runtime.apply(..., ragged_kernel=)`)
         # drop mode: after layer l only the tokens some deeper layer may keep go on; its largest share decides
         # (uncompressed full-attention layers need every token; sliding layers make do with what they get)
         need = [lay.top_ratio if lay.compressible else (None if lay.is_sliding else 1.0) for lay in self.layers]
@@ -606,6 +607,7 @@ class PyramidCache(Cache):
         other.schedule = schedule
         other.seen_slots, other.seen_valid, other.step = self.seen_slots, self.seen_valid, None
         other.since_trim = [0] * len(other.layers)
+        other.ragged_kernel = self.ragged_kernel
         other.forward_ratio = [None] * len(other.layers)
         return other
 

@@ -24,13 +24,16 @@ def new_cache(model: nn.Module, schedule: Schedule) -> PyramidCache:
 
 
 @contextlib.contextmanager
-def apply(model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = "sdpa") -> Iterator[nn.Module]:
+def apply(
+    model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = "sdpa", ragged_kernel: bool = False
+) -> Iterator[nn.Module]:
     """Make `model` keep, in each layer, only the share of the KV cache that `schedule` allows.
 
     `schedule` is a `runtime.Schedule` or the path of a schedule file (read with `runtime.load_schedule`, so a bad
     file raises ScheduleError); anything else raises TypeError. Inside the block, `model.generate(...)` and plain
     `model(...)` calls use a `PyramidCache`; on exit the model is exactly as it was (attention implementation,
-    forward, hooks).
+    forward, hooks). `ragged_kernel=True` (CUDA and Triton; off until measured to pay) decodes each layer whose
+    KV heads keep different shares in one Triton launch instead of one attention call per KV head.
     """
     if isinstance(schedule, (str, os.PathLike)):
         schedule = load_schedule(schedule)
@@ -43,6 +46,8 @@ def apply(model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = 
     check_schedule_fits(model, schedule)
     if attn not in _IMPLEMENTATIONS:
         raise ValueError(f"attn must be one of {sorted(_IMPLEMENTATIONS)}, got {attn!r}")
+    if ragged_kernel is not False:
+        _check_ragged_kernel(model, ragged_kernel)
     attention.register()
     previous_impl = model.config._attn_implementation
     had_own_forward = "forward" in vars(model)
@@ -51,7 +56,7 @@ def apply(model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = 
 
     @functools.wraps(original_forward)  # generate inspects forward's signature (position_ids, cache)
     def forward(*args, **kwargs):
-        return _forward(model, schedule, original_forward, args, kwargs)
+        return _forward(model, schedule, original_forward, args, kwargs, ragged_kernel)
 
     try:
         model.set_attn_implementation(_IMPLEMENTATIONS[attn])
@@ -71,7 +76,24 @@ def apply(model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = 
         model.set_attn_implementation(previous_impl)
 
 
-def _forward(model, schedule, original_forward, args, kwargs):
+def _check_ragged_kernel(model: nn.Module, ragged_kernel: object) -> None:
+    if ragged_kernel is not True:
+        raise TypeError(f"ragged_kernel must be True or False, got {describe(ragged_kernel)}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # fmt: skip
+        raise ValueError(
+            "ragged_kernel=True needs Triton (torch's CUDA wheels bring it; or pip install triton)"
+        ) from None
+    device = next(model.parameters()).device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"ragged_kernel=True runs on CUDA, the model is on {device}; leave it off there (the per-head path is "
+            f"the CPU one), or set TRITON_INTERPRET=1 to check the kernel on CPU"
+        )
+
+
+def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: bool = False):
     if args:  # input_ids given positionally
         kwargs["input_ids"], args = args[0], args[1:]
     if kwargs.pop("use_cache", None) is False:
@@ -85,6 +107,7 @@ def _forward(model, schedule, original_forward, args, kwargs):
         cache = new_cache(model, schedule)
     elif not isinstance(cache, PyramidCache):
         raise ValueError("under runtime.apply the cache must be empty or a PyramidCache from an earlier call")
+    cache.ragged_kernel = ragged_kernel
     ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     ref = ids if ids is not None else embeds

@@ -9,6 +9,9 @@ import pytest
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+# Triton kernels run on CPU tensors in its interpreter; it must be chosen before triton is first imported (its
+# own tl.sum, tl.max are decorated then), so here, before any test module imports torch or transformers
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -178,7 +178,8 @@ def test_gpu_calibration_time_dry_runs_on_cpu(tmp_path):
 
 def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     """The prepared 8B GPU check on a tiny config on CPU: every part is written, all-ones equals stock, a padded
-    row equals that row alone under per-head shares, and the kept KV is the schedule's fraction."""
+    row equals that row alone under per-head shares, the Triton kernel (interpreted) decodes the same tokens, and
+    the kept KV is the schedule's fraction."""
     from experiments import gpu_scale
 
     out = tmp_path / "g.json"
@@ -192,7 +193,9 @@ def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     assert ok["per_head_row_alone_token_agreement"] == [1.0] * 4
     assert ok["per_head_kept_fraction"] == pytest.approx(ok["per_head_schedule_kv_fraction"], abs=0.01)
     configs = parts["end_to_end"]["2x192"]["configs"]
-    assert list(configs) == ["stock_dynamic", "stock_static", "precut", "uniform", "per_head"]
+    assert ok["kernel_tokens_equal"] == ok["kernel_tokens"] == 64
+    assert list(configs) == ["stock_dynamic", "stock_static", "precut", "uniform", "per_head", "per_head_kernel"]
+    assert configs["per_head_kernel"]["kv_bytes_prefill"] == configs["per_head"]["kv_bytes_prefill"]
     assert configs["per_head"]["trim_steps"] == 1 and configs["stock_static"]["trim_steps"] == 0  # 9 steps, every 8
     assert configs["per_head"]["kv_bytes_prefill"] < 0.5 * configs["stock_static"]["kv_bytes_prefill"]
     assert configs["precut"]["prompt_tokens"] == round(0.3 * 192)
