@@ -43,12 +43,14 @@ LABELS = {
     "stock_static": "stock StaticCache",
     "precut": "pre-cut reference",
     "schedule": "schedule",
+    "other": "--against schedule",
 }
 # how the schedule's ratio against each baseline is labelled: schedule / baseline
 AGAINST = {
     "stock_static": "vs stock StaticCache",
     "stock_dynamic": "vs stock DynamicCache",
     "precut": "of the pre-cut limit",
+    "other": "vs the --against schedule",
 }
 WARM_STEPS = 3  # untimed decode steps after the warm-up prefill (the schedule also runs to its first trim)
 
@@ -275,10 +277,12 @@ def compare(
     repeats: int = 2,
     kv_limit_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
+    other: Schedule | None = None,
 ) -> dict:
     """Warm, then run every configuration `repeats` times, in turn; medians, ratios against each baseline, batch.
 
-    `ids` are unpadded equal-length prompts (`mask` all ones). The result keeps the keys of the older two-way
+    `ids` are unpadded equal-length prompts (`mask` all ones). `other`: a second schedule in the same run (e.g. a
+    per-layer one at the same KV), one more baseline. The result keeps the keys of the older two-way
     comparison (`stock` = stock DynamicCache, `schedule`, `ratios` = schedule / stock DynamicCache) and adds
     `configs`, `labels`, `ratios_vs` and `decode_speed`.
     """
@@ -288,10 +292,14 @@ def compare(
     interval = schedule.decode.interval
     config = model.config
 
+    schedules = {"schedule": schedule, **({"other": other} if other is not None else {})}
+    configs = (*CONFIGS, *(["other"] if other is not None else []))
+    against = {name: label for name, label in AGAINST.items() if name in configs}
+
     def run(name: str, steps: int) -> RunStats:
-        if name == "schedule":
-            with runtime.apply(model, schedule):
-                return greedy_run(model, ids, mask, steps, schedule=schedule)
+        if name in schedules:
+            with runtime.apply(model, schedules[name]):
+                return greedy_run(model, ids, mask, steps, schedule=schedules[name])
         x, m = (cut_ids, cut_mask) if name == "precut" else (ids, mask)
         if name == "stock_dynamic":
             cache = DynamicCache(config=config)
@@ -302,16 +310,16 @@ def compare(
 
     # warm-up, untimed: first calls pay for lazy init and the allocator learns the shapes; the schedule runs
     # through its first trim when the timed runs will have one
-    for name in CONFIGS:
-        warm = WARM_STEPS + 1 if name != "schedule" else max(WARM_STEPS, interval) + 1
+    for name in configs:
+        warm = WARM_STEPS + 1 if name not in schedules else max(WARM_STEPS, schedules[name].decode.interval) + 1
         if progress:
             progress(f"warm-up: {LABELS[name]}")
         run(name, min(new_tokens, warm))
-    runs: dict[str, list[RunStats]] = {name: [] for name in CONFIGS}
+    runs: dict[str, list[RunStats]] = {name: [] for name in configs}
     for i in range(repeats):
         # the order reverses every other repeat: a run inherits the allocator state the previous one left (a
         # DynamicCache decode frees and re-allocates the whole cache every token), which can slow the next prefill
-        for name in CONFIGS if i % 2 == 0 else CONFIGS[::-1]:
+        for name in configs if i % 2 == 0 else configs[::-1]:
             if progress:
                 progress(f"repeat {i + 1}/{repeats}: {LABELS[name]}")
             runs[name].append(run(name, new_tokens))
@@ -319,7 +327,7 @@ def compare(
     batch = ids.shape[0]
     limit = kv_limit_bytes or med["stock_dynamic"].kv_bytes_peak
     largest = {name: int(limit // max(r.kv_bytes_peak / batch, 1)) for name, r in med.items()}
-    ratios_vs = {name: _ratios(med["schedule"], med[name], largest, name) for name in AGAINST}
+    ratios_vs = {name: _ratios(med["schedule"], med[name], largest, name) for name in against}
     return {
         "batch": batch,
         "prompt_tokens": ids.shape[1],
@@ -332,11 +340,12 @@ def compare(
         "stock": asdict(med["stock_dynamic"]),  # older key: stock = stock DynamicCache
         "schedule": asdict(med["schedule"]),
         "configs": {name: asdict(r) for name, r in med.items()},
-        "labels": dict(LABELS),
+        "labels": {name: LABELS[name] for name in configs},
+        "against": against,
         "largest_batch": {"stock": largest["stock_dynamic"], **largest},
         "ratios": ratios_vs["stock_dynamic"],  # older key: schedule / stock DynamicCache
         "ratios_vs": ratios_vs,
-        "decode_speed": {label: ratios_vs[name]["decode_tokens_per_s"] for name, label in AGAINST.items()},
+        "decode_speed": {label: ratios_vs[name]["decode_tokens_per_s"] for name, label in against.items()},
         "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
     }
 
@@ -349,7 +358,8 @@ def _cell(value: float | None, fmt: str, scale: float | None = None) -> str:
 
 def format_table(result: dict) -> str:
     """Every configuration side by side, then the schedule's ratio against each baseline."""
-    configs, largest = result["configs"], result["largest_batch"]
+    configs, largest, labels, against = result["configs"], result["largest_batch"], result["labels"], result["against"]
+    names = list(labels)
     mb = 1 / 2**20
     rows = [
         ("prompt tokens per row", "prompt_tokens", None, "d"),
@@ -364,12 +374,12 @@ def format_table(result: dict) -> str:
         ("KV MiB at end", "kv_bytes_end", mb, ".2f"),
         ("peak memory MiB (above start)", "peak_memory_bytes", mb, ".0f"),
     ]
-    lines = ["| metric | " + " | ".join(LABELS[n] for n in CONFIGS) + " |", "|---" * (len(CONFIGS) + 1) + "|"]
+    lines = ["| metric | " + " | ".join(labels[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, scale, fmt in rows:
-        cells = [_cell(configs[n][key], fmt, scale) for n in CONFIGS]
+        cells = [_cell(configs[n][key], fmt, scale) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     limit = f"largest batch in {result['kv_limit_bytes'] * mb:.4g} MiB KV"
-    lines.append(f"| {limit} | " + " | ".join(str(largest[n]) for n in CONFIGS) + " |")
+    lines.append(f"| {limit} | " + " | ".join(str(largest[n]) for n in names) + " |")
     ratio_rows = [
         ("decode tokens/s", "decode_tokens_per_s"),
         ("prefill seconds", "prefill_s"),
@@ -379,8 +389,8 @@ def format_table(result: dict) -> str:
         ("largest batch", "largest_batch"),
     ]
     vs = result["ratios_vs"]
-    lines += ["", "| schedule / baseline | " + " | ".join(AGAINST.values()) + " |", "|---" * (len(AGAINST) + 1) + "|"]
-    lines += [f"| {label} | " + " | ".join(f"{vs[n][key]:.2f}x" for n in AGAINST) + " |" for label, key in ratio_rows]
+    lines += ["", "| schedule / baseline | " + " | ".join(against.values()) + " |", "|---" * (len(against) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(f"{vs[n][key]:.2f}x" for n in against) + " |" for label, key in ratio_rows]
     lines += [
         "",
         f"pre-cut reference: stock attention on the last {result['precut_tokens']} of {result['prompt_tokens']} "

@@ -181,3 +181,28 @@ def test_bench_command_end_to_end_on_a_tiny_model(tiny_model_dir, shared_data, t
     assert "stock StaticCache" in printed and f"pre-cut reference on the last {got['precut_tokens']}" in printed
     assert main([*argv[:-2], "--new-tokens", "1"]) == 2
     assert "--new-tokens must be at least 2" in capsys.readouterr().err
+
+
+def test_bench_against_a_second_schedule_in_the_same_run(tiny_model_dir, shared_data, tmp_path, capsys):
+    """`--against` adds a second schedule as a fifth configuration and a baseline of the first; one made for
+    another model is refused before any run, naming the flag."""
+    from calibrate.cli import main
+
+    out = tmp_path / "bench.json"
+    text = shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+    argv = ["bench", "--model", str(tiny_model_dir), "--data", str(text), "--batch", "2", "--context", "128",
+            "--new-tokens", "5", "--repeats", "1", "--schedule", "pyramidkv:0.3",
+            "--against", "uniform:0.3"]  # fmt: skip
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    assert list(got["configs"]) == [*bench.CONFIGS, "other"] and got["against_name"] == "uniform-b0.3"
+    assert got["against_kv_fraction"] == pytest.approx(got["kv_fraction"], abs=0.01)
+    tok = {n: s["decode_tokens_per_s"] for n, s in got["configs"].items()}
+    assert got["decode_speed"]["vs the --against schedule"] == pytest.approx(tok["schedule"] / tok["other"])
+    assert "| --against schedule |" in printed and "| vs the --against schedule |" in printed
+    wrong = tmp_path / "other_model.json"
+    Schedule(ratios=[0.5] * 7, window=8, sinks=2).save(wrong)
+    assert main([*argv[:-1], str(wrong)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the model's loading bar
+    assert err.startswith(f"calibrate: error: --against {wrong}:") and "has 7 layer ratios but the model has 4" in err

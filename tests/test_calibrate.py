@@ -48,6 +48,15 @@ def _trials(db: Path) -> list[str]:
         return [r[0] for r in con.execute("select state from trials")]
 
 
+def _trials_so_far(db: Path) -> list[str]:
+    """`_trials` for polling a run in progress: none yet while the file is missing or Optuna is still creating its
+    tables (the file exists before they do), or while the writer holds the lock."""
+    try:
+        return _trials(db) if db.exists() else []
+    except sqlite3.OperationalError:
+        return []
+
+
 def test_run_writes_a_loadable_schedule_within_budget(tiny_model_dir, text, tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(_args(tiny_model_dir, text, out, "--budget", "0.4", "--trials", "6")) == 0
@@ -101,7 +110,7 @@ def test_killed_run_loses_no_finished_trial(tiny_model_dir, text, tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            if db.exists() and _trials(db).count("COMPLETE") >= 6:
+            if _trials_so_far(db).count("COMPLETE") >= 6:
                 break
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)

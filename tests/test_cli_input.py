@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_calibrate import _args, _trials
+from test_calibrate import _args, _trials, _trials_so_far
 
 import runtime
 from calibrate.cli import main
@@ -135,7 +135,7 @@ def test_ctrl_c_in_the_search_keeps_finished_trials_and_ends_as_if_uninterrupted
     db = out.with_suffix(".optuna.db")
     cmd = [sys.executable, "-m", "calibrate", *_args(tiny_model_dir, text, out, "--trials", "300")]
     # past the 6 enqueued baselines: the trial in flight is a sampled one
-    _assert_one_line_interrupt(_interrupt_when(cmd, lambda: db.exists() and _trials(db).count("COMPLETE") >= 8))
+    _assert_one_line_interrupt(_interrupt_when(cmd, lambda: _trials_so_far(db).count("COMPLETE") >= 8))
     finished = _trials(db).count("COMPLETE")
     assert 8 <= finished < 12 and not out.exists()
     capsys.readouterr()

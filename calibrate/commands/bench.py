@@ -13,18 +13,21 @@ examples:
   calibrate bench                                    # SmolLM2, pyramidkv:0.3 drop mode, batch 8, 2048 tokens
   calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json --dtype bfloat16
   calibrate bench --schedule ones --repeats 3        # the all-ones schedule must run at stock speed
+  calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json \
+      --against docs/per_layer_calibrated/smollm2-135m-instruct_b0.3.json   # per head against per layer
   calibrate bench --batch 4 --context 1024 --new-tokens 32 --out bench.json
   calibrate bench --device cuda --dtype bfloat16 --kv-limit-mb 2048
 
-Four configurations, each warmed before timing, run in turn (the order reverses every other repeat); each
-figure is the median over --repeats, and only the ratios, measured side by side in the same run, are meant to
-be compared:
+Four configurations (five with --against), each warmed before timing, run in turn (the order reverses every
+other repeat); each figure is the median over --repeats, and only the ratios, measured side by side in the same
+run, are meant to be compared:
   stock DynamicCache   transformers' default cache; its torch.cat append re-copies the cache every token, so the
                        schedule's ratio against it overstates what compression gives
   stock StaticCache    preallocated cache: the honest baseline
   pre-cut reference    stock model and StaticCache on only the last round(KV fraction x --context) prompt tokens:
                        the limit of what compression can give at the schedule's KV share
   schedule             the model under runtime.apply
+  --against schedule   a second schedule under runtime.apply, another baseline for the first
 Decode steps are timed one by one; trim steps (every decode.interval tokens after prefill, when the schedule
 re-scores and trims) are reported apart from plain steps. The largest batch is the KV-memory limit divided by
 the measured peak KV bytes per row (default limit: what stock DynamicCache needs at --batch).
@@ -43,6 +46,9 @@ def add_parser(subparsers):
     )
     p.add_argument("--model", help="hub id, model folder or .gguf file (default: the embedded SmolLM2-135M)")
     p.add_argument("--schedule", default="pyramidkv:0.3", help="schedule file or KIND:BUDGET (default pyramidkv:0.3)")
+    p.add_argument("--against", metavar="SCHEDULE",
+                   help="a second schedule (file or KIND:BUDGET) measured in the same run, e.g. a per-layer one at the "
+                        "same KV fraction")  # fmt: skip
     p.add_argument("--mode", choices=["evict", "drop"], help="override the schedule's prefill mode (reference: drop)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -62,6 +68,7 @@ def run(args) -> int:
     import dataclasses
     from pathlib import Path
 
+    from runtime.families import check_schedule_fits
     from runtime.schedule import ScheduleError, write_atomic
 
     from .. import benchmark as bench
@@ -78,9 +85,20 @@ def run(args) -> int:
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
     check_positions(model, args.context + args.new_tokens, f"--context {args.context} + --new-tokens "
                     f"{args.new_tokens}", "use a shorter --context")  # fmt: skip
-    schedule = resolve_schedule(args.schedule, model, args.context)
-    if args.mode or ":" in args.schedule:
-        schedule = dataclasses.replace(schedule, prefill_mode=args.mode or "drop")
+
+    def resolved(flag: str, spec: str):
+        """The schedule `spec` names, checked against the model before any run (errors name the flag)."""
+        try:
+            out = resolve_schedule(spec, model, args.context)
+            check_schedule_fits(model, out)
+        except ScheduleError as e:
+            raise ScheduleError(f"{flag} {spec}: {e}") from None
+        if args.mode or ":" in spec:
+            out = dataclasses.replace(out, prefill_mode=args.mode or "drop")
+        return out
+
+    schedule = resolved("--schedule", args.schedule)
+    other = resolved("--against", args.against) if args.against else None
     sources = args.data or [default_text()]
     stream = data.token_stream(tok, data.load_texts(sources))
     ids = data.cut_windows(stream, args.context, args.batch).to(model.device)
@@ -100,6 +118,7 @@ def run(args) -> int:
         repeats=args.repeats,
         kv_limit_bytes=int(args.kv_limit_mb * 2**20) if args.kv_limit_mb else None,
         progress=lambda msg: print("  " + msg, flush=True),
+        other=other,
     )
     result.update(
         model=str(args.model or "SmolLM2-135M-Instruct"),
@@ -110,6 +129,9 @@ def run(args) -> int:
         prefill_mode=schedule.prefill_mode,
         kv_fraction=schedule.kv_fraction(args.context),
     )
+    if other is not None:
+        result.update(against_name=other.name or args.against, against_prefill_mode=other.prefill_mode,
+                      against_kv_fraction=other.kv_fraction(args.context))  # fmt: skip
     print(bench.format_table(result))
     if args.out:
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")
