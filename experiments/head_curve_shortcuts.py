@@ -81,6 +81,34 @@ def flat(profile: Profile, tau: float) -> tuple[torch.Tensor, int]:
     return out, len(skipped)
 
 
+class Screen:
+    """Scores allocations by the loss the profile's *measured* head curves predict (the sum of single-head KLs at
+    the allocated shares), relative to the allocation water-filled from those curves, at each of BUDGETS."""
+
+    def __init__(self, profile: Profile, context_length: int, protected: int):
+        self.grid, self.comp = profile.grid, profile.compressible
+        self.heads = profile.head_parts.shape[2]
+        self.true = weighted(profile, profile.head_parts)
+        self.means = {b: mean_ratio_at(b, context_length, protected) for b in BUDGETS}
+        self.exact = {b: self.loss(water_fill_heads(self.true, self.grid, m, self.comp)) for b, m in self.means.items()}
+
+    def loss(self, shares: list[list[float]]) -> float:
+        return sum(
+            interpolate(self.grid, self.true[i][h], shares[i][h])
+            for i in range(len(self.comp))
+            if self.comp[i]
+            for h in range(self.heads)
+        )
+
+    def relative(self, shares_of) -> dict[str, float]:
+        """{"b0.3": loss of `shares_of(mean ratio)` / the measured curves' own loss, ...} over BUDGETS."""
+        return {f"b{b:g}": self.loss(shares_of(m)) / self.exact[b] for b, m in self.means.items()}
+
+    def of_curves(self, curves: list[list[list[float]]]) -> dict[str, float]:
+        """`relative` for the per-head water-fill over `curves` (weighted [L][H][G] curves)."""
+        return self.relative(lambda m: water_fill_heads(curves, self.grid, m, self.comp))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="schedules/smollm2-135m-instruct", help="profile stem with head curves")
@@ -94,43 +122,29 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --profile {args.profile} has no per-head curves; profile without --no-per-head")
     grid, comp = prof.grid, prof.compressible
     heads = prof.head_parts.shape[2]
-    true = weighted(prof, prof.head_parts)
-
-    def loss(shares: list[list[float]]) -> float:
-        return sum(
-            interpolate(grid, true[i][h], shares[i][h]) for i in range(len(comp)) if comp[i] for h in range(heads)
-        )
-
-    means = {b: mean_ratio_at(b, args.context_length, args.protected) for b in BUDGETS}
-    exact = {b: loss(water_fill_heads(true, grid, m, comp)) for b, m in means.items()}
+    screen = Screen(prof, args.context_length, args.protected)
     rows: list[dict] = []
 
-    def add(name: str, saved: float, shares_of) -> None:
-        rows.append({"shortcut": name, "head_curves_saved": round(saved, 3),
-                     **{f"b{b:g}": loss(shares_of(m)) / exact[b] for b, m in means.items()}})  # fmt: skip
+    def add(name: str, saved: float, scores: dict[str, float]) -> None:
+        rows.append({"shortcut": name, "head_curves_saved": round(saved, 3), **scores})
 
     layer_curves = equal_weight(prof.parts.tolist(), comp)
-    add("per layer", 1.0, lambda m: [[r] * heads for r in water_fill(layer_curves, grid, m, comp)])
+    add("per layer", 1.0, screen.relative(lambda m: [[r] * heads for r in water_fill(layer_curves, grid, m, comp)]))
     for n in (2, 3, 4):
         for points in itertools.combinations(range(len(grid)), n):
             curves = weighted(prof, scaled(prof, list(points)))
-            add(f"scaled {[grid[g] for g in points]}", 1 - n / len(grid),
-                lambda m, c=curves: water_fill_heads(c, grid, m, comp))  # fmt: skip
+            add(f"scaled {[grid[g] for g in points]}", 1 - n / len(grid), screen.of_curves(curves))
     for tau in (0.02, 0.05, 0.1):
         parts, skipped = flat(prof, tau)
-        curves = weighted(prof, parts)
-        add(
-            f"flat {tau} ({skipped} layers)",
-            skipped / sum(comp),
-            lambda m, c=curves: water_fill_heads(c, grid, m, comp),
-        )
+        add(f"flat {tau} ({skipped} layers)", skipped / sum(comp), screen.of_curves(weighted(prof, parts)))
     print("| shortcut | head curves saved | " + " | ".join(f"loss at {b:g}" for b in BUDGETS) + " |")
     print("|---|---|" + "---|" * len(BUDGETS))
     for r in rows:
         cells = " | ".join(f"{r[f'b{b:g}']:.3f}x" for b in BUDGETS)
         print(f"| {r['shortcut']} | {r['head_curves_saved']:.0%} | {cells} |")
     if args.out:
-        write_atomic(args.out, json.dumps({"profile": args.profile, "exact_loss": exact, "rows": rows}, indent=2))
+        result = {"profile": args.profile, "exact_loss": screen.exact, "rows": rows}
+        write_atomic(args.out, json.dumps(result, indent=2))
     return 0
 
 

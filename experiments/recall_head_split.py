@@ -19,7 +19,6 @@ import time
 
 import torch
 
-from calibrate.allocate import mean_ratio_at, water_fill_heads
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
 from calibrate.profiling import Profile, attention_recall
@@ -27,7 +26,7 @@ from calibrate.settings import Settings
 from runtime.schedule import Selection, write_atomic
 
 from . import check_out
-from .head_curve_shortcuts import BUDGETS, interpolate, weighted
+from .head_curve_shortcuts import BUDGETS, Screen, weighted
 
 
 def split_by_loss(profile: Profile, lost: torch.Tensor) -> torch.Tensor:
@@ -62,35 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recall pass on the profile's data: {seconds:.0f} s; head-mean recall - the profile's: max {drift:.1e}")
     assert drift < 1e-4, "not the profile's data: the per-layer recall differs"
 
-    grid, comp = prof.grid, prof.compressible
-    heads = prof.head_parts.shape[2]
-    true = weighted(prof, prof.head_parts)
-
-    def loss(shares: list[list[float]]) -> float:
-        return sum(
-            interpolate(grid, true[i][h], shares[i][h]) for i in range(len(comp)) if comp[i] for h in range(heads)
-        )
-
-    means = {b: mean_ratio_at(b, settings.context_length, meta["sinks"] + meta["window"]) for b in BUDGETS}
-    exact = {b: loss(water_fill_heads(true, grid, m, comp)) for b, m in means.items()}
+    screen = Screen(prof, settings.context_length, meta["sinks"] + meta["window"])
     models = {
         "1 - recall": split_by_loss(prof, 1 - recall),
         "1 - overlap": split_by_loss(prof, 1 - overlap),
         "(1 - recall)^2": split_by_loss(prof, (1 - recall) ** 2),
         "equal split": split_by_loss(prof, torch.ones_like(recall)),
     }
-    rows = []
-    for name, parts in models.items():
-        curves = weighted(prof, parts)
-        rows.append({"model": name, **{f"b{b:g}": loss(water_fill_heads(curves, grid, m, comp)) / exact[b]
-                                       for b, m in means.items()}})  # fmt: skip
+    rows = [{"model": name, **screen.of_curves(weighted(prof, parts))} for name, parts in models.items()]
     print("| head curves from | " + " | ".join(f"loss at {b:g}" for b in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
     for r in rows:
         print(f"| {r['model']} | " + " | ".join(f"{r[f'b{b:g}']:.3f}x" for b in BUDGETS) + " |")
     if args.out:
-        result = {"profile": args.profile, "recall_seconds": round(seconds, 1), "exact_loss": exact, "rows": rows,
-                  "recall_by_head": recall.tolist(), "overlap_by_head": overlap.tolist()}  # fmt: skip
+        result = {"profile": args.profile, "recall_seconds": round(seconds, 1), "exact_loss": screen.exact,
+                  "rows": rows, "recall_by_head": recall.tolist(), "overlap_by_head": overlap.tolist()}  # fmt: skip
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
