@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 
 import torch
@@ -37,6 +36,7 @@ from transformers.cache_utils import DynamicCache
 import runtime
 import runtime.inspect
 from calibrate import benchmark as bench
+from runtime import ragged_decode
 from runtime.reference import all_ones, rescale_to_budget, uniform
 from runtime.schedule import Schedule, write_atomic
 
@@ -148,11 +148,7 @@ def _case(text: str) -> tuple[int, int]:
 
 def kernel_available(device: str) -> bool:
     """Whether `runtime.apply(..., ragged_kernel=True)` can run here: Triton on CUDA, or its CPU interpreter."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"
+    return ragged_decode.unavailable(torch.device(device)) is None
 
 
 def _configs(model, prompt: int, device: str) -> dict[str, Schedule | None]:

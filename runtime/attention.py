@@ -39,7 +39,7 @@ def _kernel_applies(step, parts, query, kwargs) -> bool:
     return (
         query.shape[2] == 1
         and not step.has_invalid
-        and all(unit.sliding_window is None or step.seen_slots <= unit.sliding_window for unit, _ in parts)
+        and not any(unit.window_overflows(step) for unit, _ in parts)
         and kwargs.get("softcap") is None
         and not kwargs.get("dropout")
     )

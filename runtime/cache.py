@@ -222,13 +222,16 @@ class PyramidLayer(DynamicLayer):
 
     # ---- masks
 
+    def window_overflows(self, step: Step) -> bool:
+        """Whether the sliding window may cut: some slot may lie beyond it once more tokens were seen than it spans
+        (slots != positions)."""
+        return self.sliding_window is not None and step.seen_slots > self.sliding_window
+
     def attention_mask(self, step: Step, num_query_heads: int) -> torch.Tensor | None:
         """Boolean mask [B, 1 or Hq, q, T] for this layer's stored slots, or None where plain causal is exact."""
         q = step.q_pos.shape[1]
         t = self.stored()
-        # some slot may lie beyond the window once more tokens were seen than it spans (slots != positions)
-        window_overflow = self.sliding_window is not None and step.seen_slots > self.sliding_window
-        if not (self.has_invalid or step.has_invalid or window_overflow):
+        if not (self.has_invalid or step.has_invalid or self.window_overflows(step)):
             if q == 1 or (step.prefill and t == q and self.shared_slots):
                 return None  # exactly what stock SDPA does: no mask for one token, is_causal for a fresh prompt
         pos, valid = (self.pos[:, :1], self.valid[:, :1]) if self.shared_slots else (self.pos, self.valid)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from . import attention
+from . import attention, ragged_decode
 from .cache import PyramidCache
 from .families import check_schedule_fits, check_supported, decoder_layers, layer_plan
 from .schedule import Schedule, describe, load_schedule
@@ -79,18 +79,9 @@ def apply(
 def _check_ragged_kernel(model: nn.Module, ragged_kernel: object) -> None:
     if ragged_kernel is not True:
         raise TypeError(f"ragged_kernel must be True or False, got {describe(ragged_kernel)}")
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # fmt: skip
-        raise ValueError(
-            "ragged_kernel=True needs Triton (torch's CUDA wheels bring it; or pip install triton)"
-        ) from None
-    device = next(model.parameters()).device
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"ragged_kernel=True runs on CUDA, the model is on {device}; leave it off there (the per-head path is "
-            f"the CPU one), or set TRITON_INTERPRET=1 to check the kernel on CPU"
-        )
+    why = ragged_decode.unavailable(next(model.parameters()).device)
+    if why:
+        raise ValueError(f"ragged_kernel=True {why}")
 
 
 def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: bool = False):

@@ -86,6 +86,21 @@ def _kernel():
     return split_attention
 
 
+def unavailable(device: torch.device) -> str | None:
+    """Why the kernel cannot run for tensors on `device`, or None when it can (Triton on CUDA, or its CPU
+    interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs Triton (torch's CUDA wheels bring it; or pip install triton)"
+    if device.type != "cuda" and not _interpreted():
+        return (
+            f"runs on CUDA, the model is on {device}; leave it off there (the per-head path is the CPU one), or set "
+            f"TRITON_INTERPRET=1 to check the kernel on CPU"
+        )
+    return None
+
+
 def _interpreted() -> bool:
     # the interpreter's bfloat16 tl.dot is wrong (triton 3.9: errors of 1e10 on a 16x16 product); in float32 it is
     # right, so there the kernel computes in float32 whatever the dtype, and only the compiled bf16 MMA goes untested
