@@ -1,7 +1,7 @@
 """Score schedules end to end, cheaply: prefill once, then fork the cache for every candidate.
 
 Each example is a context (prefilled and compressed) and a continuation fed teacher-forced after compression.
-The full-cache prefill and the full-cache continuation log-probabilities are computed once; a candidate schedule
+The full-cache prefill and the full-cache continuation distributions are computed once; a candidate schedule
 (evict mode) only costs trimming the forked cache and one forward pass over the continuations. `rows` gives every
 example's own scores (and can prefill under the schedule instead: drop mode); `score` sums them up.
 """
