@@ -45,6 +45,13 @@ def add_calibration_args(p) -> None:
         help="measure per-layer curves only (a 3x faster profile on SmolLM2); every head of a layer then keeps the "
         "same share",
     )
+    p.add_argument(
+        "--head-points",
+        metavar="R,R,..",
+        help="grid ratios at which per-head curves are measured, the rest following the layer curve's shape "
+        "(default all: 0.02,0.05,0.1,0.25,0.5); e.g. 0.02,0.1,0.5 measures 40%% less of them, for 4-14%% more "
+        "held-out KL at budgets 0.2-0.3 on SmolLM2",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)

@@ -122,13 +122,15 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         progress("profile: prefill", i, n)
 
     ev, tasks = data.evaluators(model, "calibration", settings.sinks, progress=prefill)
-    report = _estimate(progress, partial, total, sum(compressible))
+    head_share = len(settings.head_points) / len(profile.GRID)  # a head curve measures only these grid points
+    report = _estimate(progress, partial, total, sum(compressible), head_share)
 
     prof = profile.measure(
         model,
         ev,
         also=[tasks] if tasks is not None else [],
         per_head=settings.per_head,
+        head_points=settings.head_points,
         sinks=settings.sinks,
         window=settings.window,
         progress=report,
@@ -145,7 +147,7 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     return prof
 
 
-def _estimate(progress, partial: PartialProfile, total: int, layers: int):
+def _estimate(progress, partial: PartialProfile, total: int, layers: int, head_share: float = 1.0):
     """The progress callback of a profile: moves its bars and, once one curve was measured (not resumed),
     prints about how long the curves left will take."""
     # units are measured in order, so the resumed ones are the first of each phase
@@ -165,8 +167,8 @@ def _estimate(progress, partial: PartialProfile, total: int, layers: int):
             return
         pace = (now - start[1]) / max(work[0] - start[3], 1e-9)  # seconds per unit of work
         finished = 1 + done + (layers if phase == "head sensitivity" else 0)  # the recall pass counts as one
-        # the head curves cost what the layer curves cost, once per KV head: a layer's phase total each
-        left_work = work[1] - work[0] + (heads * work[1] if phase == "layer sensitivity" else 0.0)
+        # a layer's head curves cost its layer curve once per KV head, times the share of grid points they measure
+        left_work = work[1] - work[0] + (heads * head_share * work[1] if phase == "layer sensitivity" else 0.0)
         minutes = pace * left_work / 60
         print(f"profile: about {minutes:.1f} min for the {total - finished} curves left (from the pace so far; "
               "a deeper layer's curve is cheaper; --no-per-head or --quick for less)", flush=True)  # fmt: skip

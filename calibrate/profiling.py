@@ -28,6 +28,7 @@ import runtime.inspect
 from runtime.schedule import Schedule, Selection, group_heads, heads_compressible, write_atomic
 
 from .allocate import equal_weight
+from .head_curves import check_points, from_layer_shape
 from .scoring import Evaluator
 
 GRID = (0.02, 0.05, 0.1, 0.25, 0.5)
@@ -343,6 +344,7 @@ def measure(
     also: Sequence[Evaluator] = (),
     per_head: bool = False,
     checkpoint: Checkpoint | None = None,
+    head_points: Sequence[float] | None = None,
 ) -> Profile:
     """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
     sensitivity curves.
@@ -350,7 +352,9 @@ def measure(
     Sensitivity is measured on `evaluator` and on each of the `also` evaluators (e.g. retrieval tasks) and kept
     per evaluator (`parts`, named by the kind of their examples); `sensitivity` is their mean KL per token.
     Per-head curves are measured only where a layer has more than one KV head. With a `checkpoint`, every
-    finished curve is saved to it and curves it already holds are not measured again.
+    finished curve is saved to it and curves it already holds are not measured again. `head_points`: the grid
+    ratios at which head curves are measured (None: all); the others come from the layer curve's shape
+    (`head_curves.from_layer_shape`), and `meta["head_points"]` records which were measured.
     """
     selection = selection or Selection()
     layers = evaluator.layers
@@ -365,10 +369,12 @@ def measure(
     parts = single_layer_kl(evaluators, base, compressible, grid, progress, checkpoint=checkpoint)
     kv_heads = runtime.families.model_info(model).num_kv_heads
     head_parts = None
+    points = check_points(head_points, grid) if head_points is not None else list(range(len(grid)))
     if per_head and kv_heads > 1:
-        head_parts = single_layer_kl(
-            evaluators, base, compressible, grid, progress, heads=kv_heads, checkpoint=checkpoint
+        measured = single_layer_kl(
+            evaluators, base, compressible, [grid[g] for g in points], progress, heads=kv_heads, checkpoint=checkpoint
         )
+        head_parts = from_layer_shape(parts, measured, grid, points)
     return Profile(
         grid=grid,
         windows=windows,
@@ -377,7 +383,13 @@ def measure(
         window_recall=window_recall,
         sensitivity=parts.mean(0),
         compressible=compressible,
-        meta={"sinks": sinks, "window": window, "selection": selection.__dict__, "examples": len(evaluator.examples)},
+        meta={
+            "sinks": sinks,
+            "window": window,
+            "selection": selection.__dict__,
+            "examples": len(evaluator.examples),
+            **({"head_points": [grid[g] for g in points]} if head_parts is not None else {}),
+        },
         parts=parts,
         part_names=[ev.examples[0].kind for ev in evaluators],
         head_parts=head_parts,

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from calibrate import profiling
 from calibrate import search_space as s
 from calibrate.data import CalibrationSet
+from calibrate.head_curves import check_points, from_layer_shape
 from calibrate.settings import Settings
 from runtime.families import model_info
 from runtime.schedule import Schedule, Selection, write_atomic
@@ -95,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     record("layer_curves", sampled_layers=sample, seconds_per_curve=round(each_layer, 3),
            predicted_seconds=round(each_layer * layers, 1))  # fmt: skip
     t = time.perf_counter()
-    head_parts = profiling.single_layer_kl(calib, base, mask, grid, heads=heads)
+    points = check_points(settings.head_points, grid)  # as calibrate run measures them: at its default points
+    measured = profiling.single_layer_kl(calib, base, mask, [grid[g] for g in points], heads=heads)
+    head_parts = from_layer_shape(parts, measured, grid, points)
     each_head = (time.perf_counter() - t) / (len(sample) * heads)
-    record("head_curves", sampled_layers=sample, seconds_per_curve=round(each_head, 3),
-           predicted_seconds=round(each_head * layers * heads, 1))  # fmt: skip
+    record("head_curves", sampled_layers=sample, head_points=settings.head_points,
+           seconds_per_curve=round(each_head, 3), predicted_seconds=round(each_head * layers * heads, 1))  # fmt: skip
 
     # the search needs whole curves: unsampled layers take the sampled mean (the values are meaningless anyway)
     fill = parts[:, mask].mean(1, keepdim=True)

@@ -24,6 +24,7 @@ import json
 import torch
 
 from calibrate.allocate import equal_weight, mean_ratio_at, water_fill, water_fill_heads
+from calibrate.head_curves import from_layer_shape
 from calibrate.profiling import Profile
 from runtime.schedule import group_heads, heads_compressible, write_atomic
 
@@ -52,21 +53,7 @@ def interpolate(grid: list[float], curve: list[float], r: float) -> float:
 
 def scaled(profile: Profile, points: list[int]) -> torch.Tensor:
     """Head curves from the layer curve times the head/layer ratio at `points`, interpolated in between."""
-    grid, layer = profile.grid, profile.parts  # [K, L, G]
-    ratio = profile.head_parts[..., points] / layer[:, :, None, points].clamp_min(1e-12)  # [K, L, H, |S|]
-    xs = torch.tensor([grid[g] for g in points])
-    out = torch.empty_like(profile.head_parts)
-    for g, r in enumerate(grid):
-        i = int(torch.searchsorted(xs, torch.tensor(r), right=True)) - 1
-        if i < 0:
-            s = ratio[..., 0]
-        elif i >= len(points) - 1:
-            s = ratio[..., -1]
-        else:
-            t = (r - xs[i]) / (xs[i + 1] - xs[i])
-            s = ratio[..., i] + t * (ratio[..., i + 1] - ratio[..., i])
-        out[..., g] = layer[..., g, None] * s
-    return out
+    return from_layer_shape(profile.parts, profile.head_parts[..., points], profile.grid, points)
 
 
 def flat(profile: Profile, tau: float) -> tuple[torch.Tensor, int]:

@@ -273,3 +273,37 @@ def test_recall_by_head_averages_to_the_layer_recall_and_splits_the_layer_curve(
     torch.testing.assert_close(split.sum(2), parts)
     equal = split_by_loss(prof, torch.ones_like(recall))
     torch.testing.assert_close(equal, parts[:, :, None].expand(-1, -1, 2, -1) / 2)
+
+
+def test_head_points_rebuilds_the_shipped_schedules_and_keeps_their_memory(tmp_path, capsys):
+    """`head_points` rebuilds each shipped schedule from its own parameters (it stops unless the full profile
+    gives the shipped shares back), then from head curves at fewer points: same KV, other shares."""
+    from experiments import head_points
+    from runtime.schedule import load_schedule
+
+    repo_root = Path(__file__).resolve().parents[1]
+    shipped = repo_root / "schedules" / "smollm2-135m-instruct_b0.3.json"
+    stem = str(repo_root / "schedules" / "smollm2-135m-instruct")
+    for points, folder in (("all", tmp_path / "all"), ("0.02,0.1,0.5", tmp_path / "three")):
+        assert head_points.main([str(shipped), "--profile", stem, "--points", points, "--out-dir", str(folder)]) == 0
+    same, fewer, original = (load_schedule(p) for p in (tmp_path / "all" / shipped.name,
+                                                       tmp_path / "three" / shipped.name, shipped))  # fmt: skip
+    assert same.head_ratios == original.head_ratios
+    assert fewer.head_ratios != original.head_ratios
+    assert fewer.kv_fraction() == pytest.approx(original.kv_fraction(), abs=1e-3)
+    assert fewer.provenance["head_points"] == [0.02, 0.1, 0.5]
+    with pytest.raises(SystemExit, match="--points 0.3"):
+        head_points.main([str(shipped), "--profile", stem, "--points", "0.3", "--out-dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_batched_curves_times_every_batch_size(tiny_model_dir, tmp_path, capsys):
+    from experiments import batched_curves
+
+    out = tmp_path / "b.json"
+    argv = ["--model", str(tiny_model_dir), "--context", "32", "--continuation", "4", "--factors", "1,2"]
+    assert batched_curves.main([*argv, "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rows"] for r in rows] == [3, 6] and rows[0]["vs_3_rows"] == 1.0
+    assert all(r["seconds_per_3_rows"] > 0 for r in rows)
+    assert "| rows per forward |" in capsys.readouterr().out

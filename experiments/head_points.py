@@ -1,0 +1,85 @@
+"""The schedules a profile with head curves at fewer grid points would give, for a held-out check (`paired_kl`).
+
+    python -m experiments.head_points schedules/smollm2-135m-instruct_b0.2.json [...] \\
+        [--profile schedules/smollm2-135m-instruct] [--points 0.02,0.1,0.5] --out-dir runs/head_points
+
+For each schedule, its own trial parameters (`provenance.params`, e.g. the per-head water-fill) are rebuilt on
+the profile whose head curves keep only the measured values at `--points` and take the rest from the layer curve's
+shape (`calibrate.head_curves`): the schedule `calibrate run --head-points` would write, because measuring fewer
+points changes nothing at the points measured. It first rebuilds each schedule from the full profile and stops
+unless that gives the shipped shares back, so what differs is the head curves alone. Then score both sets on the
+same windows:
+
+    python -m experiments.paired_kl runs/head_points/*.json schedules/smollm2-135m-instruct_b0.3.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from calibrate.errors import CalibrateError
+from calibrate.head_curves import check_points, from_layer_shape
+from calibrate.profiling import Profile
+from calibrate.search_space import Space, schedule_of_params
+from calibrate.settings import head_points_from_arg
+from runtime.schedule import load_schedule
+
+
+def rebuild(schedule_path: str, profile: Profile):
+    """The schedule `schedule_path`'s trial parameters give on `profile`."""
+    shipped = load_schedule(schedule_path)
+    params = shipped.provenance["params"]
+    space = Space(
+        budget=params["budget"],
+        context_length=shipped.context_length,
+        profile=profile,
+        model=shipped.model,
+        sinks=shipped.sinks,
+    )
+    return shipped, schedule_of_params(params, space)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("schedules", nargs="+", help="calibrated schedules whose parameters are rebuilt")
+    p.add_argument("--profile", default="schedules/smollm2-135m-instruct", help="their profile's stem")
+    p.add_argument("--points", default="0.02,0.1,0.5", help="grid ratios where head curves are kept, or 'all'")
+    p.add_argument("--out-dir", required=True)
+    args = p.parse_args(argv)
+    prof = Profile.load(args.profile)
+    if prof.head_parts is None:
+        raise SystemExit(f"error: --profile {args.profile} has no per-head curves")
+    try:
+        points = check_points(head_points_from_arg(args.points), prof.grid)
+    except (CalibrateError, ValueError) as e:
+        raise SystemExit(f"error: --points {args.points}: {e}") from None
+    sparse = dataclasses.replace(
+        prof, head_parts=from_layer_shape(prof.parts, prof.head_parts[..., points], prof.grid, points)
+    )
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in args.schedules:
+        shipped, again = rebuild(path, prof)
+        if again.head_ratios != shipped.head_ratios or again.ratios != shipped.ratios:
+            raise SystemExit(f"error: {path} is not rebuilt from {args.profile} by its own parameters; stop")
+        _, fewer = rebuild(path, sparse)
+        fewer.provenance = {
+            **shipped.provenance,
+            "head_points": [prof.grid[g] for g in points],
+            "rebuilt_from": path,
+        }
+        target = out_dir / Path(path).name
+        fewer.save(target)
+        moved = max(
+            abs(a - b) for ra, rb in zip(fewer.head_ratios, shipped.head_ratios, strict=True) for a, b in zip(ra, rb)
+        )
+        print(f"{target}: KV {fewer.kv_fraction():.4f}, largest head share change {moved:.3f}")
+    print(json.dumps({"points": [prof.grid[g] for g in points], "out_dir": str(out_dir)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
