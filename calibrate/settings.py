@@ -35,7 +35,7 @@ class Settings:
     seed: int = 0
     per_head: bool = True  # also measure per-KV-head curves, so schedules may give each head its own share
     # grid ratios at which head curves are measured, the others following the layer curve's shape; every one by
-    # default: fewer cost 4-8% more held-out KL at budgets 0.2-0.3 (docs/method.md)
+    # default: fewer cost 3-14% more held-out KL at budgets 0.2-0.3 on SmolLM2 (docs/method.md)
     head_points: list[float] = field(default_factory=lambda: list(GRID))
     dtype: str = "float32"
     device: str = "cpu"
@@ -104,14 +104,13 @@ def head_points_from_arg(text: str | None) -> list[float] | None:
     if text.strip() == "all":
         return list(GRID)
     try:
-        points = [float(x) for x in text.split(",") if x.strip()]
-        check_points(points, GRID)
+        indices = check_points([float(x) for x in text.split(",") if x.strip()], GRID)
     except ValueError:
         raise CalibrateError(
             f"--head-points '{text}' is not 'all' or comma-separated ratios of the grid {list(GRID)}; "
             "give e.g. 0.02,0.1,0.5"
         ) from None
-    return sorted(points)
+    return [GRID[i] for i in indices]  # the grid's own values, in order, each once
 
 
 def budgets_from_args(args) -> list[float]:

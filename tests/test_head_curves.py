@@ -67,6 +67,7 @@ def test_the_option_reads_all_and_ratios():
     assert head_points_from_arg(None) is None
     assert head_points_from_arg("all") == GRID
     assert head_points_from_arg("0.5,0.02") == [0.02, 0.5]
+    assert head_points_from_arg("0.5, 0.5,0.10") == [0.1, 0.5]  # each once, as the grid spells it
 
 
 def test_a_profile_at_fewer_head_points_measures_the_same_values_there():
