@@ -3,7 +3,8 @@
 A head's sensitivity curve has its layer's shape more than its own level: the layer curve (measured at every grid
 point anyway) times the head/layer ratio, interpolated linearly between the points where the head was measured,
 stands in for the head at the points it was not. Screened offline (`experiments.head_curve_shortcuts`) and checked
-on held-out text (`experiments.head_points`) before a default used it.
+on held-out text (`experiments.head_points`, then `paired_kl`): fewer points cost more KL than a default may, so
+`calibrate run` measures every point unless `--head-points` says otherwise (docs/method.md).
 """
 
 from __future__ import annotations

@@ -25,12 +25,11 @@ from calibrate.head_curves import check_points, from_layer_shape
 from calibrate.profiling import Profile
 from calibrate.search_space import Space, schedule_of_params
 from calibrate.settings import head_points_from_arg
-from runtime.schedule import load_schedule
+from runtime.schedule import Schedule, load_schedule
 
 
-def rebuild(schedule_path: str, profile: Profile):
-    """The schedule `schedule_path`'s trial parameters give on `profile`."""
-    shipped = load_schedule(schedule_path)
+def rebuild(shipped: Schedule, profile: Profile) -> Schedule:
+    """The schedule that `shipped`'s own trial parameters give on `profile`."""
     params = shipped.provenance["params"]
     space = Space(
         budget=params["budget"],
@@ -39,7 +38,7 @@ def rebuild(schedule_path: str, profile: Profile):
         model=shipped.model,
         sinks=shipped.sinks,
     )
-    return shipped, schedule_of_params(params, space)
+    return schedule_of_params(params, space)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,18 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     sparse = dataclasses.replace(
         prof, head_parts=from_layer_shape(prof.parts, prof.head_parts[..., points], prof.grid, points)
     )
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.schedules:
-        shipped, again = rebuild(path, prof)
+    rebuilt = []
+    for path in args.schedules:  # every check before the first write: a stopped run leaves nothing behind
+        shipped = load_schedule(path)
+        again = rebuild(shipped, prof)
         if again.head_ratios != shipped.head_ratios or again.ratios != shipped.ratios:
             raise SystemExit(f"error: {path} is not rebuilt from {args.profile} by its own parameters; stop")
-        _, fewer = rebuild(path, sparse)
-        fewer.provenance = {
-            **shipped.provenance,
-            "head_points": [prof.grid[g] for g in points],
-            "rebuilt_from": path,
-        }
+        fewer = rebuild(shipped, sparse)
+        fewer.provenance = {**shipped.provenance, "head_points": [prof.grid[g] for g in points], "rebuilt_from": path}
+        rebuilt.append((path, shipped, fewer))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, shipped, fewer in rebuilt:
         target = out_dir / Path(path).name
         fewer.save(target)
         moved = max(
