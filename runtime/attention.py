@@ -57,9 +57,10 @@ def _make(base):
         parts = cache.layers[layer_idx].parts(query)
         if len(parts) > 1 and cache.ragged_kernel and _kernel_applies(cache.step, parts, query, kwargs):
             units = [unit for unit, _ in parts]
+            table, lengths = cache.layers[layer_idx].kernel_inputs()
             out = ragged_decode(
                 query, [u.keys for u in units], [u.values for u in units], [u.valid for u in units], scaling,
-                has_invalid=any(u.has_invalid for u in units),
+                has_invalid=any(u.has_invalid for u in units), table=table, lengths=lengths,
             )  # fmt: skip
             cache.after_attention(layer_idx, query, scaling)
             return out, None

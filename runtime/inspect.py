@@ -53,11 +53,11 @@ def kept_per_row(cache: PyramidCache, layer_idx: int) -> torch.Tensor:
 
 
 def recent_queries(cache: PyramidCache, layer_idx: int) -> RecentQueries:
-    """The layer's remembered recent queries (all KV heads' query groups; the first unit's copy)."""
-    unit = _layer(cache, layer_idx).units()[0]
-    if unit.q_buf is None:
+    """The layer's remembered recent queries (every query head)."""
+    ring = _layer(cache, layer_idx).queries()
+    if ring.q_buf is None:
         raise ValueError(f"layer {layer_idx} holds no queries yet: run a forward pass with the cache first")
-    return RecentQueries(unit.q_buf, unit.q_buf_pos, unit.q_buf_valid)
+    return RecentQueries(ring.q_buf, ring.q_buf_pos, ring.q_buf_valid)
 
 
 def attention_scale(cache: PyramidCache, layer_idx: int) -> float:

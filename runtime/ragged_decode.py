@@ -4,7 +4,8 @@ A `RaggedLayer` keeps every KV head in its own buffer, so the plain path runs SD
 and a concatenation): on a GPU that is many tiny launches per layer and step. This is one split-K Triton kernel
 over all of a layer's heads: program (row, KV head, split) attends that head's group of queries to its split of
 that head's slots with an online softmax, and the splits are merged by their log-sum-exp. The heads' buffers stay
-where they are: a small table on the device holds each one's address, length and strides.
+where they are: a small table on the device holds each one's address and strides, and a vector its length; a
+flat `RaggedLayer` keeps both on the device between steps.
 
 Triton is imported on first use only. The kernel runs on CUDA, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, how the tests check it against the per-head SDPA path it replaces).
@@ -29,22 +30,22 @@ def _kernel():
 
     @triton.jit
     def split_attention(
-        q_ptr, table_ptr, m_ptr, l_ptr, acc_ptr, scale, splits,
+        q_ptr, table_ptr, lengths_ptr, m_ptr, l_ptr, acc_ptr, scale, splits,
         stride_qb, stride_qh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK: tl.constexpr, CHUNK_: tl.constexpr, HAS_INVALID: tl.constexpr, F32_DOT: tl.constexpr,
     ):  # fmt: skip
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         heads = tl.num_programs(1)
-        row = table_ptr + h * 10
+        row = table_ptr + h * 9
         dtype = q_ptr.dtype.element_ty
         k_ptr = tl.load(row).to(tl.pointer_type(dtype))
         v_ptr = tl.load(row + 1).to(tl.pointer_type(dtype))
         valid_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int8))
-        n = tl.load(row + 3)
-        k_b, k_s = tl.load(row + 4), tl.load(row + 5)
-        v_b, v_s = tl.load(row + 6), tl.load(row + 7)
-        ok_b, ok_s = tl.load(row + 8), tl.load(row + 9)
+        n = tl.load(lengths_ptr + h)
+        k_b, k_s = tl.load(row + 3), tl.load(row + 4)
+        v_b, v_s = tl.load(row + 5), tl.load(row + 6)
+        ok_b, ok_s = tl.load(row + 7), tl.load(row + 8)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         q_mask = (g < GROUP)[:, None] & (d < D)[None, :]
@@ -114,13 +115,14 @@ def _pow2(n: int, least: int = 16) -> int:
 def head_table(
     keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """[H, 10] int64 on the heads' device: each head's key, value and validity addresses, its length, and the
-    batch and slot strides of the three (keys/values [B, 1, n, D] with unit stride along D, valid [B, 1, n])."""
+    """[H, 9] int64 on the heads' device: each head's key, value and validity addresses and the batch and slot
+    strides of the three (keys/values [B, 1, n, D] with unit stride along D, valid [B, 1, n]). The lengths go
+    apart (`ragged_decode`'s `lengths`), so a caller whose buffers stay put keeps one table for many steps."""
     rows = []
     for k, v, ok in zip(keys, values, valid, strict=True):
         if k.stride(-1) != 1 or v.stride(-1) != 1 or ok.dtype != torch.bool:
             raise ValueError("ragged_decode needs keys and values contiguous along the head dimension, bool valid")
-        rows.append([k.data_ptr(), v.data_ptr(), ok.data_ptr(), k.shape[2],
+        rows.append([k.data_ptr(), v.data_ptr(), ok.data_ptr(),
                      k.stride(0), k.stride(2), v.stride(0), v.stride(2), ok.stride(0), ok.stride(2)])  # fmt: skip
     return torch.tensor(rows, dtype=torch.int64, device=keys[0].device)
 
@@ -132,12 +134,15 @@ def ragged_decode(
     valid: Sequence[torch.Tensor],
     scaling: float,
     has_invalid: bool,
+    table: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per row over KV heads of different lengths, in one kernel launch.
 
     query [B, Hq, 1, D]; per KV head h: keys[h], values[h] [B, 1, n_h, D], valid[h] [B, 1, n_h] (read only when
     `has_invalid`). KV head h serves query heads h*G..(h+1)*G-1. Returns [B, 1, Hq, D], as the attention
-    functions do.
+    functions do. `table` (`head_table` of the heads' buffers) and `lengths` [H] (int64, each n_h) may come from
+    a caller that keeps them on the device (a flat `RaggedLayer`): then nothing is copied to the device per call.
     """
     b, hq, q_len, dim = query.shape
     heads = len(keys)
@@ -150,8 +155,12 @@ def ragged_decode(
     m = torch.empty(b, heads, splits, block_g, device=query.device, dtype=torch.float32)
     lse = torch.empty_like(m)
     acc = torch.empty(b, heads, splits, block_g, block_d, device=query.device, dtype=torch.float32)
+    if table is None:
+        table = head_table(keys, values, valid)
+    if lengths is None:
+        lengths = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64, device=query.device)
     _kernel()[(b, heads, splits)](
-        q, head_table(keys, values, valid), m, lse, acc, scaling, splits, q.stride(0), q.stride(1),
+        q, table, lengths, m, lse, acc, scaling, splits, q.stride(0), q.stride(1),
         GROUP=group, BLOCK_G=block_g, D=dim, BLOCK_D=block_d, BLOCK=BLOCK_N, CHUNK_=CHUNK,
         HAS_INVALID=has_invalid, F32_DOT=query.dtype == torch.float32 or _interpreted(),
     )  # fmt: skip

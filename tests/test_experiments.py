@@ -307,3 +307,20 @@ def test_batched_curves_times_every_batch_size(tiny_model_dir, tmp_path, capsys)
     assert [r["rows"] for r in rows] == [3, 6] and rows[0]["vs_3_rows"] == 1.0
     assert all(r["seconds_per_3_rows"] > 0 for r in rows)
     assert "| rows per forward |" in capsys.readouterr().out
+
+
+def test_interleaved_steps_times_every_cache_on_the_same_steps(tmp_path, capsys):
+    """Every configuration decodes every step; the kept KV matches between the per-head schedule's two storages."""
+    from experiments import interleaved_steps
+
+    out = tmp_path / "i.json"
+    argv = ["--batch", "2", "--context", "160", "--steps", "6", "--head-by-head", "--out", str(out)]
+    assert interleaved_steps.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["plain_step_ms_median"]) == {"per head", "per layer", "per head, head by head"}
+    assert r["kv_mib"]["per head"] == r["kv_mib"]["per head, head by head"]
+    assert set(r["speed_vs_per_layer"]) == {"per head", "per head, head by head"} and r["flat_vs_head_by_head"] > 0
+    assert "flat buffers: speed" in capsys.readouterr().out
+    from runtime.ragged_layer import RaggedLayer
+
+    assert RaggedLayer.flat  # the switch is restored

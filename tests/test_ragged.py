@@ -10,6 +10,7 @@ from test_runtime import GREEDY, left_pad, prompts
 from tiny_models import FAMILIES, tiny_model
 
 import runtime
+import runtime.inspect
 from runtime import Schedule, ScheduleError, Selection
 from runtime.cache import RaggedLayer
 from runtime.schedule import kept_tokens
@@ -183,3 +184,29 @@ def test_head_ratios_must_match_the_models_kv_heads():
     with pytest.raises(ScheduleError, match="3 head shares per layer but the model has 2 KV heads"):
         with runtime.apply(model, Schedule(ratios=[0.5] * 4, head_ratios=three)):
             pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", ["evict", "drop"])
+def test_flat_decode_storage_equals_head_by_head_appends(family, mode, monkeypatch):
+    """The flat buffers (one index_copy_ per field and step) hold what separate per-head buffers hold, through
+    decode-time trims and a left-padded batch: same tokens, same slots, same bytes allocated."""
+    model = tiny_model(family, kv_heads=2)
+    sched = head_schedule(layer_heads(model), prefill_mode=mode, decode=runtime.Decode(interval=8))
+    ids, mask = left_pad(prompts())
+    runs = {}
+    for flat in (False, True):
+        monkeypatch.setattr(RaggedLayer, "flat", flat)
+        with runtime.apply(model, sched):
+            runs[flat] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=21, return_dict_in_generate=True, **GREEDY
+            )
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    simple, flat = runs[False].past_key_values, runs[True].past_key_values
+    ragged = [i for i, layer in enumerate(flat.layers) if isinstance(layer, RaggedLayer)]
+    assert ragged and all(flat.layers[i]._flat is not None for i in ragged)  # the flat path ran
+    for i in range(len(flat.layers)):
+        for a, b in zip(runtime.inspect.kept(simple, i), runtime.inspect.kept(flat, i), strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions), f"layer {i}"
+            assert torch.equal(a.valid, b.valid), f"layer {i}"
+    assert runtime.kv_bytes(flat) == runtime.kv_bytes(simple)

@@ -74,14 +74,18 @@ def test_merging_splits_equals_one_softmax():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_with_the_kernel_equals_the_per_head_path(family, monkeypatch):
     """Greedy on a left-padded batch across decode-time trims: the same tokens, logits within float tolerance, and
-    every split layer's decode attention went through the kernel (but where a sliding window cuts)."""
+    every split layer's decode attention went through the kernel (but where a sliding window cuts), reading the
+    layer's flat buffers through the table it keeps."""
     model = tiny_model(family, kv_heads=2)
     sched = head_schedule(layer_heads(model), decode=runtime.Decode(interval=16))
     ids, mask = left_pad(prompts())
     runs = {}
     calls = []
     original = rd.ragged_decode
-    monkeypatch.setattr(attention, "ragged_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    # each call records whether the layer's kept table came with it (the flat buffers, read in place)
+    monkeypatch.setattr(
+        attention, "ragged_decode", lambda *a, **k: calls.append(k["table"] is not None) or original(*a, **k)
+    )
     for kernel in (False, True):
         with runtime.apply(model, sched, ragged_kernel=kernel):
             runs[kernel] = model.generate(ids, attention_mask=mask, max_new_tokens=24, return_dict_in_generate=True,
@@ -95,6 +99,7 @@ def test_generation_with_the_kernel_equals_the_per_head_path(family, monkeypatch
     # Mistral's window (48) is shorter than the prompt: its layers stay on the per-head path, which masks the window
     windowed = [layer for layer in split if layer.heads[0].sliding_window is not None]
     assert split and len(calls) == (len(split) - len(windowed)) * 23  # every decode step after the prefill
+    assert all(calls)
 
 
 def test_ragged_kernel_switch_is_checked(monkeypatch):
