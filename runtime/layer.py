@@ -7,7 +7,7 @@ exact masks, and lets retained tokens keep their true positions for RoPE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -28,6 +28,9 @@ class Step:
     seen_slots: int  # positions fed so far, this pass included
     forward_idx: torch.Tensor | None = None  # drop mode: slots of this layer's input that go on [B, K]
     kept_idx: torch.Tensor | None = None  # drop mode: the same tokens as indices into the whole input [B, K]
+    # masks of layers whose slots are this pass's own tokens (a fresh prompt): equal in every such layer with the same
+    # window and device, so built once per pass; each is kept with the positions and validity it was built from
+    masks: dict = field(default_factory=dict)
 
 
 def _with_room(buf: torch.Tensor, used: int, need: int, spare: int) -> torch.Tensor:
@@ -274,9 +277,15 @@ class PyramidLayer(QueryMemory, DynamicLayer):
         """Boolean mask [B, 1 or Hq, q, T] for this layer's stored slots, or None where plain causal is exact."""
         q = step.q_pos.shape[1]
         t = self.stored()
+        fresh = step.prefill and t == q and self.shared_slots  # the slots are this pass's tokens, as they came
         if not (self.has_invalid or step.has_invalid or self.window_overflows(step)):
-            if q == 1 or (step.prefill and t == q and self.shared_slots):
+            if q == 1 or fresh:
                 return None  # exactly what stock SDPA does: no mask for one token, is_causal for a fresh prompt
+        key = (self.sliding_window, self.device)
+        if fresh:
+            built = step.masks.get(key)
+            if built is not None and built[0] is step.q_pos and built[1] is step.q_valid:
+                return built[2]
         pos, valid = (self.pos[:, :1], self.valid[:, :1]) if self.shared_slots else (self.pos, self.valid)
         qp = step.q_pos.to(self.device)[:, None, :, None]
         mask = valid[:, :, None, :] & (pos[:, :, None, :] <= qp)
@@ -286,6 +295,8 @@ class PyramidLayer(QueryMemory, DynamicLayer):
         mask = mask | ~step.q_valid.to(self.device)[:, None, :, None]
         if mask.shape[1] > 1 and mask.shape[1] != num_query_heads:
             mask = mask.repeat_interleave(num_query_heads // mask.shape[1], dim=1)
+        if fresh:  # [B, 1, q, T] whatever the heads: one mask serves every fresh layer of this pass
+            step.masks[key] = (step.q_pos, step.q_valid, mask)
         return mask
 
     # ---- compression

@@ -299,3 +299,33 @@ def test_choose_keeps_each_heads_own_count():
     # a [B] count is every head's count, as before
     idx, kept = selection.choose(scores, valid, protect, torch.tensor([2]), k_max=2)
     assert idx[0].tolist() == [[0, 2], [3, 4]] and bool(kept.all())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_padded_prompt_builds_one_mask_per_window_not_per_layer(family, monkeypatch):
+    """Every layer of a fresh prompt holds the pass's own tokens: its mask is built once per window (Gemma 3: its
+    sliding and its full layers), equal to what each layer would build itself, and generation is unchanged."""
+    from runtime.layer import PyramidLayer
+
+    model = tiny_model(family)
+    sched = schedule_for(model)
+    ids, mask = left_pad(prompts())
+    seen = []
+    original = PyramidLayer.attention_mask
+
+    def spy(self, step, heads):
+        m = original(self, step, heads)
+        if step.prefill and m is not None:
+            built = dict(step.masks)
+            step.masks.clear()
+            assert torch.equal(original(self, step, heads), m)  # built anew, it is the same mask
+            step.masks.update(built)
+            seen.append((self.sliding_window, m))
+        return m
+
+    monkeypatch.setattr(PyramidLayer, "attention_mask", spy)
+    with runtime.apply(model, sched):
+        model(ids, attention_mask=mask)
+    windows = {w for w, _ in seen}
+    assert len(seen) == model.config.num_hidden_layers and len(windows) == (2 if family == "gemma3" else 1)
+    assert len({id(m) for _, m in seen}) == len(windows)
