@@ -129,6 +129,7 @@ class PyramidCache(Cache):
             for (unit, _), s, k_max in zip(parts, scores, due, strict=True):
                 if k_max is not None:
                     unit.trim(s, schedule, self.seen_valid.to(unit.device), k_max)
+            layer.settle()
         if layer.is_sliding:
             layer.trim_window()
 
@@ -209,6 +210,8 @@ class PyramidCache(Cache):
             k_max = unit.due(self.schedule, self.seen_slots, trim_now=True)
             if k_max is not None:
                 unit.trim(unit.scores(self.schedule, unit.scaling), self.schedule, self.seen_valid, k_max)
+        for layer in self.layers:
+            layer.settle()
 
     def stored_lengths(self) -> list[int]:
         return [layer.stored() for layer in self.layers]

@@ -190,6 +190,9 @@ class PyramidLayer(QueryMemory, DynamicLayer):
         """Each unit with the queries [B, Hq', q, D] that attend to it."""
         return [(self, query)]
 
+    def settle(self) -> None:
+        """After trims: nothing to do for a layer that keeps its own buffers (`RaggedLayer` repacks)."""
+
     def queries(self) -> QueryMemory:
         """The layer's recent queries, every query head."""
         return self

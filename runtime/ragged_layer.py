@@ -127,6 +127,7 @@ class RaggedLayer(DynamicLayer):
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step) -> None:
         self.is_initialized, self.device = True, key_states.device
         if step.prefill or not self.flat:  # a prompt is kept as it comes (each head its own slice), no room
+            self._flat, self._views = None, []  # heads append on their own from here (into their segments' room)
             for i, head in enumerate(self.heads):
                 head.append(key_states[:, i : i + 1], value_states[:, i : i + 1], step)
             return
@@ -149,6 +150,13 @@ class RaggedLayer(DynamicLayer):
         if not self._in_flat():
             return False
         return all(h.__dict__["_keys_used"] + q <= views[0].shape[2] for h, views in zip(self.heads, self._views))
+
+    def settle(self) -> None:
+        """After trims: heads that trimmed hold buffers of their own while the others, and the layer, still hold the
+        old flat buffers; pack again now (as the next step would) so those are freed at once and `kv_bytes` counts
+        what is really held."""
+        if self._flat is not None and not self._in_flat():
+            self._pack(1)
 
     def kernel_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """For `ragged_decode`: the heads' address table and lengths [H] on the device, kept between steps while

@@ -190,7 +190,8 @@ def test_head_ratios_must_match_the_models_kv_heads():
 @pytest.mark.parametrize("mode", ["evict", "drop"])
 def test_flat_decode_storage_equals_head_by_head_appends(family, mode, monkeypatch):
     """The flat buffers (one index_copy_ per field and step) hold what separate per-head buffers hold, through
-    decode-time trims and a left-padded batch: same tokens, same slots, same bytes allocated."""
+    decode-time trims and a left-padded batch: same tokens, same slots, same bytes allocated (every head here trims,
+    so both give each the same room)."""
     model = tiny_model(family, kv_heads=2)
     sched = head_schedule(layer_heads(model), prefill_mode=mode, decode=runtime.Decode(interval=8))
     ids, mask = left_pad(prompts())
@@ -210,3 +211,21 @@ def test_flat_decode_storage_equals_head_by_head_appends(family, mode, monkeypat
             assert torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions), f"layer {i}"
             assert torch.equal(a.valid, b.valid), f"layer {i}"
     assert runtime.kv_bytes(flat) == runtime.kv_bytes(simple)
+
+
+@pytest.mark.parametrize("mode", ["evict", "drop"])
+def test_a_trim_step_frees_the_old_flat_buffers(mode):
+    """Generation ending on a trim step: every split layer was packed again right after its trims, so it holds no
+    stale flat buffer beside its heads' new slots, and kv_bytes counts all it holds."""
+    model = tiny_model("llama", kv_heads=2)
+    sched = head_schedule(layer_heads(model), prefill_mode=mode, decode=runtime.Decode(interval=8))
+    ids, mask = left_pad(prompts())
+    with runtime.apply(model, sched):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=17, return_dict_in_generate=True, **GREEDY)
+    cache = out.past_key_values  # 16 decode steps: the last one trimmed every compressed layer
+    ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
+    assert ragged
+    for layer in ragged:
+        assert layer._in_flat()
+        held = sum(t.numel() * t.element_size() for t in (layer._flat["keys"], layer._flat["values"]))
+        assert layer.kv_nbytes() == held
