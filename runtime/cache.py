@@ -31,7 +31,7 @@ def _forked(layer: PyramidLayer, ratio: float, schedule: Schedule) -> PyramidLay
     # the views become the buffers: no spare room, so the fork's first append copies instead of writing into
     # storage that the source cache (or another fork) still uses
     out.keys, out.values, out.pos, out.valid = out.keys, out.values, out.pos, out.valid
-    out.q_buf, out.q_buf_pos, out.q_buf_valid = out.q_buf, out.q_buf_pos, out.q_buf_valid
+    out.keep_newest_queries()
     return out
 
 
@@ -129,7 +129,7 @@ class PyramidCache(Cache):
             for (unit, _), s, k_max in zip(parts, scores, due, strict=True):
                 if k_max is not None:
                     unit.trim(s, schedule, self.seen_valid.to(unit.device), k_max)
-            layer.settle()
+            layer.settle()  # only where something was trimmed: it checks every head's buffers
         if layer.is_sliding:
             layer.trim_window()
 

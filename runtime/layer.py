@@ -141,6 +141,11 @@ class QueryMemory(_SlotStore):
     def queries_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self._q, self._q_pos, self._q_valid) if t is not None)
 
+    def keep_newest_queries(self) -> None:
+        """The newest `query_window` queries become the buffers, as views with no room: the next append copies
+        them instead of writing into storage that another cache (the source of a fork) still reads."""
+        self.q_buf, self.q_buf_pos, self.q_buf_valid = self.q_buf, self.q_buf_pos, self.q_buf_valid
+
     def _index_queries(self, fn) -> None:
         for name in self.QUERY_FIELDS:
             t = getattr(self, name)
@@ -148,7 +153,24 @@ class QueryMemory(_SlotStore):
                 setattr(self, name, fn(t))
 
 
-class PyramidLayer(QueryMemory, DynamicLayer):
+class BatchIndexing:
+    """transformers' batch operations (beam reorder, row selection, repetition), each one tensor function that the
+    layer's `_index_batch` applies to everything it holds per row."""
+
+    def _index_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+class PyramidLayer(BatchIndexing, QueryMemory, DynamicLayer):
     """One layer's cache: keys/values [B, H, T, D] plus slot positions and validity [B, H, T].
 
     Recent queries [B, Hq, W, D] (positions and validity [B, 1, W]) are kept to score the slots at trim time.
@@ -250,21 +272,15 @@ class PyramidLayer(QueryMemory, DynamicLayer):
         self.has_invalid = False
         self.shared_slots = True
 
-    def _index_batch(self, fn) -> None:
+    def _index_slots(self, fn) -> None:
         for name in ("keys", "values", "pos", "valid"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+
+    def _index_batch(self, fn) -> None:
+        self._index_slots(fn)
         self._index_queries(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._index_batch(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped back to an earlier length")

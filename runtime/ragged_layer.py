@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from . import ragged_decode
-from .layer import PyramidLayer, QueryMemory, Step
+from .layer import BatchIndexing, PyramidLayer, QueryMemory, Step
 
 FIELDS = ("keys", "values", "pos", "valid")  # what each slot holds, one flat buffer each
 
@@ -31,17 +31,12 @@ class QueryRing(QueryMemory):
     def of(cls, source: QueryMemory, query_window: int, spare: int) -> QueryRing:
         """A ring holding `source`'s newest `query_window` queries as views (no room: its first append copies)."""
         ring = cls(query_window, spare)
-        if source._q is not None:
-            w = query_window
-            ring._q, ring._q_pos, ring._q_valid = (
-                source._q[:, :, -w:],
-                source._q_pos[:, :, -w:],
-                source._q_valid[:, :, -w:],
-            )
+        ring._q, ring._q_pos, ring._q_valid = source._q, source._q_pos, source._q_valid
+        ring.keep_newest_queries()
         return ring
 
 
-class RaggedLayer(DynamicLayer):
+class RaggedLayer(BatchIndexing, DynamicLayer):
     """A layer whose KV heads keep different shares: one single-head `PyramidLayer` per KV head.
 
     In one [B, H, T, D] tensor a head that keeps fewer tokens than its neighbours could only mask its surplus
@@ -110,15 +105,12 @@ class RaggedLayer(DynamicLayer):
 
     def _share_ring(self) -> None:
         """Point each head's recent queries at its query group's view of the ring (no copy)."""
-        ring = self.ring.__dict__
-        if ring.get("__q") is None:
+        q, pos, valid = self.ring._q, self.ring._q_pos, self.ring._q_valid
+        if q is None:
             return
-        g = ring["__q"].shape[1] // len(self.heads)
+        g = q.shape[1] // len(self.heads)
         for i, head in enumerate(self.heads):
-            d = head.__dict__
-            d["__q"], d["__q_used"] = ring["__q"][:, i * g : (i + 1) * g], ring["__q_used"]
-            for f in ("__q_pos", "__q_valid"):
-                d[f], d[f + "_used"] = ring[f], ring[f + "_used"]
+            head._q, head._q_pos, head._q_valid = q[:, i * g : (i + 1) * g], pos, valid
 
     def parts(self, query: torch.Tensor) -> list[tuple[PyramidLayer, torch.Tensor]]:
         g = query.shape[1] // len(self.heads)
@@ -229,25 +221,11 @@ class RaggedLayer(DynamicLayer):
             h.reset()
         self.ring = QueryRing(self.ring.query_window, self.ring.spare)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _index_batch(self, fn) -> None:
         self._flat, self._views, self._next = None, [], None  # each head gets buffers of its own
         for h in self.heads:
-            h.reorder_cache(beam_idx)
-        self.ring._index_queries(lambda t: t.index_select(0, beam_idx.to(t.device)))
-        self._share_ring()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._flat, self._views, self._next = None, [], None  # each head gets buffers of its own
-        for h in self.heads:
-            h.batch_select_indices(indices)
-        self.ring._index_queries(lambda t: t[indices])
-        self._share_ring()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._flat, self._views, self._next = None, [], None  # each head gets buffers of its own
-        for h in self.heads:
-            h.batch_repeat_interleave(repeats)
-        self.ring._index_queries(lambda t: t.repeat_interleave(repeats, dim=0))
+            h._index_slots(fn)
+        self.ring._index_queries(fn)
         self._share_ring()
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -229,3 +229,37 @@ def test_a_trim_step_frees_the_old_flat_buffers(mode):
         assert layer._in_flat()
         held = sum(t.numel() * t.element_size() for t in (layer._flat["keys"], layer._flat["values"]))
         assert layer.kv_nbytes() == held
+
+
+def test_batch_operations_move_each_rows_slots_and_queries():
+    """Beam search's batch operations on a decoded cache with split layers (flat buffers in use): a row reordering
+    moves every layer's slots and recent queries with their row, and the next step's logits follow; repeating
+    rows then selecting one of each gives the cache back."""
+    model = tiny_model("llama", kv_heads=2)
+    sched = head_schedule(layer_heads(model), decode=runtime.Decode(interval=8))
+    ids, mask = left_pad(prompts())
+
+    def decoded():
+        with runtime.apply(model, sched):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True, **GREEDY)
+
+    runs = [decoded() for _ in range(3)]
+    base, swapped, cycled = (r.past_key_values for r in runs)
+    swap = torch.tensor([1, 0])
+    swapped.reorder_cache(swap)
+    cycled.batch_repeat_interleave(2)
+    cycled.batch_select_indices(torch.tensor([0, 2]))
+    n = model.config.num_hidden_layers
+    assert any(isinstance(layer, RaggedLayer) for layer in base.layers)
+    for i in range(n):
+        for ref, other, order in ((base, swapped, swap), (base, cycled, torch.tensor([0, 1]))):
+            for a, b in zip(runtime.inspect.kept(ref, i), runtime.inspect.kept(other, i), strict=True):
+                for x, y in ((a.keys, b.keys), (a.positions, b.positions), (a.valid, b.valid)):
+                    assert torch.equal(x[order], y), f"layer {i}"
+            qa, qb = runtime.inspect.recent_queries(ref, i), runtime.inspect.recent_queries(other, i)
+            assert torch.equal(qa.queries[order], qb.queries) and torch.equal(qa.positions[order], qb.positions)
+    step = runs[0].sequences[:, -1:]
+    with runtime.apply(model, sched), torch.no_grad():  # as generate runs, which made the caches
+        want = model(step, cache=base, attention_mask=torch.ones_like(step)).logits
+        got = model(step[swap], cache=swapped, attention_mask=torch.ones_like(step)).logits
+    torch.testing.assert_close(got, want[swap])
