@@ -28,11 +28,13 @@ import runtime.inspect
 from runtime.schedule import Schedule, Selection, group_heads, heads_compressible, write_atomic
 
 from .allocate import equal_weight
-from .head_curves import check_points, from_layer_shape
+from .head_curves import check_points, from_layer_shape, from_shares
+from .head_fisher import SAMPLES, fisher_kl
 from .scoring import Evaluator
 
 GRID = (0.02, 0.05, 0.1, 0.25, 0.5)
 RECALL_CURVES = ("recall", "overlap", "window_recall")  # saved together: the recall pass measures all three
+FISHER_CURVES = "fisher"  # the checkpoint entry of the whole Fisher estimate (one pass, resumed whole)
 
 
 class Checkpoint(Protocol):
@@ -345,6 +347,7 @@ def measure(
     per_head: bool = False,
     checkpoint: Checkpoint | None = None,
     head_points: Sequence[float] | None = None,
+    head_curves: str = "measured",
 ) -> Profile:
     """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
     sensitivity curves.
@@ -354,7 +357,8 @@ def measure(
     Per-head curves are measured only where a layer has more than one KV head. With a `checkpoint`, every
     finished curve is saved to it and curves it already holds are not measured again. `head_points`: the grid
     ratios at which head curves are measured (None: all); the others come from the layer curve's shape
-    (`head_curves.from_layer_shape`), and `meta["head_points"]` records which were measured.
+    (`head_curves.from_layer_shape`), and `meta["head_points"]` records which were measured. `head_curves`
+    "fisher": the per-head curves split each measured layer curve by `head_fisher.fisher_kl`'s estimate instead.
     """
     selection = selection or Selection()
     layers = evaluator.layers
@@ -370,11 +374,16 @@ def measure(
     kv_heads = runtime.families.model_info(model).num_kv_heads
     head_parts = None
     points = check_points(head_points, grid) if head_points is not None else list(range(len(grid)))
-    if per_head and kv_heads > 1:
+    head_meta: dict[str, Any] = {}
+    if per_head and kv_heads > 1 and head_curves == "fisher":
+        head_parts = fisher_head_kl(evaluators, base, compressible, grid, kv_heads, parts, progress, checkpoint)
+        head_meta = {"head_curves": {"method": "fisher", "samples": SAMPLES}}
+    elif per_head and kv_heads > 1:
         measured = single_layer_kl(
             evaluators, base, compressible, [grid[g] for g in points], progress, heads=kv_heads, checkpoint=checkpoint
         )
         head_parts = from_layer_shape(parts, measured, grid, points)
+        head_meta = {"head_points": [grid[g] for g in points]}
     return Profile(
         grid=grid,
         windows=windows,
@@ -388,12 +397,34 @@ def measure(
             "window": window,
             "selection": selection.__dict__,
             "examples": len(evaluator.examples),
-            **({"head_points": [grid[g] for g in points]} if head_parts is not None else {}),
+            **head_meta,
         },
         parts=parts,
         part_names=[ev.examples[0].kind for ev in evaluators],
         head_parts=head_parts,
     )
+
+
+def fisher_head_kl(
+    evaluators: Sequence[Evaluator],
+    base: Schedule,
+    compressible: Sequence[bool],
+    grid: Sequence[float],
+    heads: int,
+    parts: torch.Tensor,
+    progress: Callable[[str, int, int], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> torch.Tensor:
+    """[K, L, H, G]: the measured layer curves `parts` [K, L, G] split over each layer's heads by the Fisher
+    estimate; the estimate ([K, L, H + 1, G], the whole layer's last) is one checkpoint entry."""
+    saved = checkpoint.get(FISHER_CURVES) if checkpoint else None
+    if saved is None or saved.shape != (len(evaluators), len(compressible), heads + 1, len(grid)):
+        layers = [i for i, c in enumerate(compressible) if c]
+        per_head, per_layer = fisher_kl(evaluators, base, layers, grid, heads, progress=progress)
+        saved = torch.cat([per_head, per_layer[:, :, None]], 2)
+        if checkpoint:
+            checkpoint.put({FISHER_CURVES: saved})
+    return from_shares(parts, saved[:, :, :heads], saved[:, :, heads])
 
 
 def single_layer_kl(
@@ -425,7 +456,7 @@ def single_layer_kl(
                 for k, ev in enumerate(evaluators):
                     # only this layer is compressed: the continuation runs from it on (exact, and cheaper)
                     out[k, layer, h, gi] = ev.score(
-                        _one_part_compressed(base, layer, h, ratio, heads), from_layer=layer
+                        one_part_compressed(base, layer, h, ratio, heads), from_layer=layer
                     ).kl
             if checkpoint:
                 checkpoint.put({name: out[:, layer, h].clone()})
@@ -434,7 +465,7 @@ def single_layer_kl(
     return out if heads else out[:, :, 0]
 
 
-def _one_part_compressed(base: Schedule, layer: int, head: int, ratio: float, heads: int | None) -> Schedule:
+def one_part_compressed(base: Schedule, layer: int, head: int, ratio: float, heads: int | None) -> Schedule:
     if not heads:
         ratios = list(base.ratios)
         ratios[layer] = ratio

@@ -204,7 +204,7 @@ class Evaluator:
                     for layer in decoder_layers(model)
                 ]
                 try:
-                    self.reference.append(Reference.of(self._continuation_logits(idx, self.probe)))
+                    self.reference.append(Reference.of(self.continuation_logits(idx, self.probe)))
                 finally:
                     for h in handles:
                         h.remove()
@@ -221,7 +221,7 @@ class Evaluator:
         the positions that batch `b` scores."""
         return torch.stack([getattr(self.examples[j], name)[1:][self.positions[b]] for j in idx]).to(self.model.device)
 
-    def _continuation_logits(
+    def continuation_logits(
         self, idx: range, schedule: Schedule, cache: PyramidCache | None = None, from_layer: int = 0
     ) -> torch.Tensor:
         """[b, P, V] float logits at the batch's scored positions, the continuation fed only up to the last."""
@@ -276,7 +276,7 @@ class Evaluator:
                     cache = self.compressed_cache(b, schedule)
                 # measured before the continuation adds to the cache
                 kv = row_kv_fractions(cache, self.plan, [self.context_length] * len(idx)) if measure_kv else None
-                logits = self._continuation_logits(idx, schedule, cache, from_layer)
+                logits = self.continuation_logits(idx, schedule, cache, from_layer)
                 kl, nll, top = token_scores(logits, self.reference[b], self.targets[b], self.retrieval[b])
                 batch = []
                 for row, j in enumerate(idx):

@@ -13,6 +13,7 @@ from typing import Any
 from runtime.schedule import ScheduleError
 
 from .errors import CalibrateError
+from .head_fisher import SAMPLES as FISHER_SAMPLES
 from .profiling import GRID
 
 
@@ -37,6 +38,9 @@ class Settings:
     # grid ratios at which head curves are measured, the others following the layer curve's shape; every one by
     # default: fewer cost 3-14% more held-out KL at budgets 0.2-0.3 on SmolLM2 (docs/method.md)
     head_points: list[float] = field(default_factory=lambda: list(GRID))
+    # "measured": a forward per head and grid ratio; "fisher": the measured layer curve split over its heads by
+    # a second-order estimate (`calibrate.head_fisher`), a few backward passes per window (docs/method.md)
+    head_curves: str = "measured"
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None  # accelerate's placement for a model larger than one device (not part of the key)
@@ -47,6 +51,10 @@ class Settings:
     @classmethod
     def quick(cls, **kw: Any) -> Settings:
         base = dict(context_length=512, continuation=64, calib_windows=2, valid_windows=2, calib_tasks=3, valid_tasks=3)
+        # the preset's per-head curves are estimated (2.4x faster on SmolLM2), unless they are to be measured at
+        # chosen points or skipped
+        if kw.get("head_points") is None and kw.get("per_head", True):
+            base["head_curves"] = "fisher"
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -54,6 +62,10 @@ class Settings:
         out = {k: v for k, v in self.__dict__.items() if k not in self.NOT_IN_KEY}
         if out["head_points"] == list(GRID):  # the whole grid, as every profile before the option: same key
             del out["head_points"]
+        if out["head_curves"] == "measured":  # as every profile before the option: same key
+            del out["head_curves"]
+        else:
+            out["fisher_samples"] = FISHER_SAMPLES  # another sample count is another profile
         return out
 
     def key(self) -> str:
@@ -78,12 +90,19 @@ def from_args(args) -> Settings:
         seed=args.seed,
         per_head=not args.no_per_head,
         head_points=head_points_from_arg(getattr(args, "head_points", None)),
+        head_curves=getattr(args, "head_curves", None),
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
     )
     if args.no_per_head and kw["head_points"] is not None:
         raise CalibrateError("--head-points says where to measure per-head curves, --no-per-head skips them; give one")
+    if kw["head_curves"] == "fisher" and args.no_per_head:
+        raise CalibrateError("--head-curves fisher estimates per-head curves, --no-per-head skips them; give one")
+    if kw["head_curves"] == "fisher" and kw["head_points"] is not None:
+        raise CalibrateError(
+            "--head-points says where to measure per-head curves, --head-curves fisher measures none; give one"
+        )
     for name in ("calib_windows", "valid_windows"):
         if kw[name] is not None and kw[name] < 1:
             raise CalibrateError(f"--{name.replace('_', '-')} must be at least 1, got {kw[name]}")

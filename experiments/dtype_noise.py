@@ -17,7 +17,7 @@ import time
 
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
-from calibrate.profiling import _one_part_compressed
+from calibrate.profiling import one_part_compressed
 from calibrate.settings import Settings
 from runtime.schedule import Schedule, write_atomic
 
@@ -35,7 +35,7 @@ def kls(dtype: str, settings: Settings, units) -> list[dict]:
     base = Schedule(ratios=[1.0] * layers, window=settings.window, sinks=settings.sinks)
     out = []
     for layer, head, ratio in units:
-        sched = _one_part_compressed(base, layer, head or 0, ratio, heads if head is not None else None)
+        sched = one_part_compressed(base, layer, head or 0, ratio, heads if head is not None else None)
         t = time.perf_counter()
         row = {"text_kl": text.score(sched, from_layer=layer).kl, "task_kl": tasks.score(sched, from_layer=layer).kl}
         out.append({"layer": layer, "head": head, "ratio": ratio, **row, "seconds": time.perf_counter() - t})

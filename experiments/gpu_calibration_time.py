@@ -9,8 +9,11 @@ TOK is any tokenizer folder (the GPU machine has no network: save SmolLM2's with
 it). Parts, each written to --out as soon as it is measured: the full-cache prefill of the calibration and
 validation examples; the attention-recall pass; single-layer and single-head curves for --sample-layers layers
 spread over the depth (a curve runs the continuation from its layer on, so its cost falls with depth and an even
-spread estimates the mean), extrapolated to every layer and head; --trials search trials (Optuna, in memory);
-the peak GPU memory; and the predicted wall time of `calibrate run --context-length N` with its default 40 trials.
+spread estimates the mean), extrapolated to every layer and head; the Fisher estimate of the head curves
+(`--head-curves fisher`) for the same layers, its gradient samples timed apart; --trials search trials (Optuna, in
+memory);
+the peak GPU memory; and the predicted wall time of `calibrate run --context-length N` with its default 40 trials,
+with measured and with Fisher head curves.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from calibrate import profiling
 from calibrate import search_space as s
 from calibrate.data import CalibrationSet
 from calibrate.head_curves import check_points, from_layer_shape
+from calibrate.head_fisher import SAMPLES, fisher_kl, sampled_gradients
 from calibrate.settings import Settings
 from runtime.families import model_info
 from runtime.schedule import Schedule, Selection, write_atomic
@@ -103,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     record("head_curves", sampled_layers=sample, head_points=settings.head_points,
            seconds_per_curve=round(each_head, 3), predicted_seconds=round(each_head * layers * heads, 1))  # fmt: skip
 
+    # --head-curves fisher: the gradient samples do not depend on the layers estimated, each layer's changes do
+    t = time.perf_counter()
+    fisher_kl(calib, base, sample, grid, heads)
+    whole = time.perf_counter() - t
+    t = time.perf_counter()
+    for ev in calib:
+        for b in range(len(ev.batches)):
+            sampled_gradients(ev, b, SAMPLES, torch.Generator().manual_seed(0), lambda grads: None)
+    gradients = time.perf_counter() - t
+    per_layer = max(whole - gradients, 0.0) / len(sample)
+    predicted_fisher = round(gradients + per_layer * layers, 1)
+    record("fisher_head_curves", sampled_layers=sample, samples=SAMPLES, gradient_seconds=round(gradients, 2),
+           seconds_per_layer=round(per_layer, 3), predicted_seconds=predicted_fisher)  # fmt: skip
+
     # the search needs whole curves: unsampled layers take the sampled mean (the values are meaningless anyway)
     fill = parts[:, mask].mean(1, keepdim=True)
     parts = torch.where(torch.tensor(mask)[None, :, None], parts, fill)
@@ -125,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     predicted = (p_["prefill"]["seconds"] + p_["attention_recall"]["seconds"] + p_["layer_curves"]["predicted_seconds"]
                  + p_["head_curves"]["predicted_seconds"] + each_trial * DEFAULT_TRIALS)  # fmt: skip
     result["predicted_calibrate_run_seconds"] = round(predicted, 1)
+    fisher = predicted - p_["head_curves"]["predicted_seconds"] + p_["fisher_head_curves"]["predicted_seconds"]
+    result["predicted_calibrate_run_seconds_fisher"] = round(fisher, 1)
     result["peak_memory_bytes"] = _peak(args.device)
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"predicted calibrate run (--context-length {args.context_length}, {DEFAULT_TRIALS} trials): "
-          f"{predicted / 60:.1f} min; peak GPU memory {result['peak_memory_bytes']}")  # fmt: skip
+          f"{predicted / 60:.1f} min ({fisher / 60:.1f} min with --head-curves fisher); "
+          f"peak GPU memory {result['peak_memory_bytes']}")  # fmt: skip
     return 0
 
 

@@ -1,14 +1,16 @@
 """The schedules a profile with head curves at fewer grid points would give, for a held-out check (`paired_kl`).
 
     python -m experiments.head_points schedules/smollm2-135m-instruct_b0.2.json [...] \\
-        [--profile schedules/smollm2-135m-instruct] [--points 0.02,0.1,0.5] --out-dir runs/head_points
+        [--profile schedules/smollm2-135m-instruct] [--points 0.02,0.1,0.5 | --fisher runs/fisher.json] \\
+        --out-dir runs/head_points
 
 For each schedule, its own trial parameters (`provenance.params`, e.g. the per-head water-fill) are rebuilt on
 the profile whose head curves keep only the measured values at `--points` and take the rest from the layer curve's
 shape (`calibrate.head_curves`): the schedule `calibrate run --head-points` would write, because measuring fewer
-points changes nothing at the points measured. It first rebuilds each schedule from the full profile and stops
-unless that gives the shipped shares back, so what differs is the head curves alone. Then score both sets on the
-same windows:
+points changes nothing at the points measured; with `--fisher`, on the profile whose head curves split each
+measured layer curve by a saved Fisher estimate (`--head-curves fisher`). It first rebuilds each schedule from the
+full profile and stops unless that gives the shipped shares back, so what differs is the head curves alone. Then
+score both sets on the same windows:
 
     python -m experiments.paired_kl runs/head_points/*.json schedules/smollm2-135m-instruct_b0.3.json ...
 """
@@ -20,12 +22,22 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from calibrate.errors import CalibrateError
-from calibrate.head_curves import check_points, from_layer_shape
+from calibrate.head_curves import check_points, from_layer_shape, from_shares
 from calibrate.profiling import Profile
 from calibrate.search_space import Space, schedule_of_params
 from calibrate.settings import head_points_from_arg
 from runtime.schedule import Schedule, load_schedule
+
+
+def widest_splits(head_estimate: torch.Tensor, layer_estimate: torch.Tensor, count: int) -> list[int]:
+    """The `count` layers whose heads' estimated shares of the layer's KL differ most (max - min share, averaged
+    over kinds and ratios), widest first: where an error in the estimate moves the allocation most."""
+    share = head_estimate / layer_estimate[:, :, None, :].clamp_min(1e-30)
+    spread = (share.amax(2) - share.amin(2)).mean((0, 2))  # [L]
+    return sorted(range(spread.numel()), key=lambda i: -float(spread[i]))[:count]
 
 
 def rebuild(shipped: Schedule, profile: Profile) -> Schedule:
@@ -46,6 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("schedules", nargs="+", help="calibrated schedules whose parameters are rebuilt")
     p.add_argument("--profile", default="schedules/smollm2-135m-instruct", help="their profile's stem")
     p.add_argument("--points", default="0.02,0.1,0.5", help="grid ratios where head curves are kept, or 'all'")
+    p.add_argument(
+        "--fisher",
+        metavar="JSON",
+        help="instead of --points: head curves split by the estimate in this `experiments.fisher_heads --out` file "
+        "(what `calibrate run --head-curves fisher` would write)",
+    )
+    p.add_argument(
+        "--exact-layers",
+        type=int,
+        default=0,
+        help="with --fisher: keep the measured head curves of this many layers, those whose estimated head shares "
+        "differ most (`widest_splits`)",
+    )
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
     prof = Profile.load(args.profile)
@@ -55,9 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         points = check_points(head_points_from_arg(args.points), prof.grid)
     except (CalibrateError, ValueError) as e:
         raise SystemExit(f"error: --points {args.points}: {e}") from None
-    sparse = dataclasses.replace(
-        prof, head_parts=from_layer_shape(prof.parts, prof.head_parts[..., points], prof.grid, points)
-    )
+    if args.fisher:
+        estimate = json.loads(Path(args.fisher).read_text())
+        heads = from_shares(
+            prof.parts, torch.tensor(estimate["estimate_heads"]), torch.tensor(estimate["estimate_layers"])
+        )
+        exact = widest_splits(
+            torch.tensor(estimate["estimate_heads"]), torch.tensor(estimate["estimate_layers"]), args.exact_layers
+        )
+        heads[:, exact] = prof.head_parts[:, exact]
+        label = {"head_curves": {"method": "fisher", "samples": estimate["samples"], "exact_layers": sorted(exact)}}
+    else:
+        heads = from_layer_shape(prof.parts, prof.head_parts[..., points], prof.grid, points)
+        label = {"head_points": [prof.grid[g] for g in points]}
+    sparse = dataclasses.replace(prof, head_parts=heads)
     rebuilt = []
     for path in args.schedules:  # every check before the first write: a stopped run leaves nothing behind
         shipped = load_schedule(path)
@@ -65,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if again.head_ratios != shipped.head_ratios or again.ratios != shipped.ratios:
             raise SystemExit(f"error: {path} is not rebuilt from {args.profile} by its own parameters; stop")
         fewer = rebuild(shipped, sparse)
-        fewer.provenance = {**shipped.provenance, "head_points": [prof.grid[g] for g in points], "rebuilt_from": path}
+        fewer.provenance = {**shipped.provenance, **label, "rebuilt_from": path}
         rebuilt.append((path, shipped, fewer))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             abs(a - b) for ra, rb in zip(fewer.head_ratios, shipped.head_ratios, strict=True) for a, b in zip(ra, rb)
         )
         print(f"{target}: KV {fewer.kv_fraction():.4f}, largest head share change {moved:.3f}")
-    print(json.dumps({"points": [prof.grid[g] for g in points], "out_dir": str(out_dir)}))
+    print(json.dumps({**label, "out_dir": str(out_dir)}))
     return 0
 
 

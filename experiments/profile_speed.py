@@ -15,7 +15,7 @@ import time
 
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
-from calibrate.profiling import GRID, _one_part_compressed
+from calibrate.profiling import GRID, one_part_compressed
 from calibrate.settings import Settings
 from runtime.schedule import Schedule, write_atomic
 
@@ -24,7 +24,7 @@ from . import check_out
 
 def curve_seconds(evaluators, base: Schedule, layer: int, head: int | None, heads: int, from_layer: int):
     t = time.perf_counter()
-    kls = [e.score(_one_part_compressed(base, layer, head or 0, r, heads if head is not None else None),
+    kls = [e.score(one_part_compressed(base, layer, head or 0, r, heads if head is not None else None),
                    from_layer=from_layer).kl for r in GRID for e in evaluators]  # fmt: skip
     return time.perf_counter() - t, kls
 

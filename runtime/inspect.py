@@ -20,6 +20,7 @@ class Kept:
     """The slots one unit (a layer, or one KV head of a split layer) holds."""
 
     keys: torch.Tensor  # [B, H, T, D]
+    values: torch.Tensor  # [B, H, T, Dv]
     positions: torch.Tensor  # [B, H, T] original token positions
     valid: torch.Tensor  # [B, H, T] False for padding and unused slots
 
@@ -42,8 +43,8 @@ def _layer(cache: PyramidCache, layer_idx: int) -> AnyLayer:
 
 
 def kept(cache: PyramidCache, layer_idx: int) -> list[Kept]:
-    """Per unit of layer `layer_idx`: its keys, positions and validity (one entry unless heads are split)."""
-    return [Kept(u.keys, u.pos, u.valid) for u in _layer(cache, layer_idx).units()]
+    """Per unit of layer `layer_idx`: its keys, values, positions and validity (one entry unless heads are split)."""
+    return [Kept(u.keys, u.values, u.pos, u.valid) for u in _layer(cache, layer_idx).units()]
 
 
 def kept_per_row(cache: PyramidCache, layer_idx: int) -> torch.Tensor:

@@ -30,6 +30,8 @@ def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "--data",
         str(data),
         "--quick",
+        "--head-curves",
+        "measured",  # the quick preset's default is fisher: these tests count measured curves
         "--context-length",
         "128",
         "--out",

@@ -199,8 +199,23 @@ def test_the_profiles_time_estimate_starts_after_the_resumed_curves(monkeypatch,
     # 10 s for 4.67 units of work, 16 units left: 34 s, although 6 of the 8 curves are left
     assert capsys.readouterr().out.splitlines() == [
         "profile: about 0.6 min for the 6 curves left (from the pace so far; a deeper layer's curve is cheaper; "
-        "--no-per-head or --quick for less)"
+        "--head-curves fisher, --no-per-head or --quick for less)"
     ]
+
+
+def test_the_profiles_time_estimate_counts_the_head_phase_from_the_layer_pace(monkeypatch, capsys):
+    """Told during the layer phase, the estimate adds the head phase as `head_work` layer phases."""
+    from calibrate import profile_store
+
+    class Fresh:
+        tensors: dict = {}
+
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(profile_store.time, "perf_counter", lambda: next(clock))
+    report = profile_store._estimate(lambda *a, **k: None, Fresh(), total=6, layers=4, head_work=0.5)
+    report("layer sensitivity", 1, 4, work=(4.0, 10.0))
+    report("layer sensitivity", 2, 4, work=(7.0, 10.0))  # 10 s for 3 units: 3 left + 0.5 x 10 of the heads
+    assert capsys.readouterr().out.startswith("profile: about 0.4 min for the 3 curves left")
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,8 @@ def test_gpu_calibration_time_dry_runs_on_cpu(tmp_path):
     assert gpu_calibration_time.main(argv) == 0
     r = json.loads(out.read_text())
     parts = r["parts"]
-    assert set(parts) == {"build", "prefill", "attention_recall", "layer_curves", "head_curves", "search"}
+    assert set(parts) == {"build", "prefill", "attention_recall", "layer_curves", "head_curves",
+                          "fisher_head_curves", "search"}  # fmt: skip
     assert parts["layer_curves"]["sampled_layers"] == [0, 3]
     assert parts["head_curves"]["predicted_seconds"] == pytest.approx(parts["head_curves"]["seconds_per_curve"] * 8,
                                                                       abs=0.1)  # fmt: skip
@@ -174,6 +175,11 @@ def test_gpu_calibration_time_dry_runs_on_cpu(tmp_path):
              + parts["layer_curves"]["predicted_seconds"] + parts["head_curves"]["predicted_seconds"]
              + parts["search"]["seconds_per_trial"] * 40)  # fmt: skip
     assert r["predicted_calibrate_run_seconds"] == pytest.approx(total, abs=1.0)
+    fisher = parts["fisher_head_curves"]
+    assert fisher["predicted_seconds"] == pytest.approx(fisher["gradient_seconds"] + fisher["seconds_per_layer"] * 4,
+                                                        abs=0.1)  # fmt: skip
+    swapped = total - parts["head_curves"]["predicted_seconds"] + fisher["predicted_seconds"]
+    assert r["predicted_calibrate_run_seconds_fisher"] == pytest.approx(swapped, abs=1.0)
 
 
 def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
@@ -324,3 +330,13 @@ def test_interleaved_steps_times_every_cache_on_the_same_steps(tmp_path, capsys)
     from runtime.ragged_layer import RaggedLayer
 
     assert RaggedLayer.flat  # the switch is restored
+
+
+def test_widest_splits_are_the_layers_whose_heads_differ_most():
+    from experiments.head_points import widest_splits
+
+    # [K=1, L=3, H=2, G=1]: layer 0 splits 50/50, layer 1 90/10, layer 2 70/30
+    heads = torch.tensor([[[[1.0], [1.0]], [[9.0], [1.0]], [[0.7], [0.3]]]])
+    layers = heads.sum(2)
+    assert widest_splits(heads, layers, 2) == [1, 2]
+    assert widest_splits(heads, layers, 0) == []

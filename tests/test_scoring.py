@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_model
 
 import runtime
-from calibrate.profiling import _one_part_compressed
+from calibrate.profiling import one_part_compressed
 from calibrate.scoring import Evaluator, Example, Reference, token_scores
 from runtime.schedule import Schedule
 
@@ -31,7 +31,7 @@ def test_from_layer_equals_the_whole_model(family):
     units = [(layer, h) for layer in range(ev.layers) if compressible[layer] for h in (None, 1)]
     assert len(units) >= 4
     for layer, head in units:
-        sched = _one_part_compressed(base, layer, head or 0, 0.2, 2 if head is not None else None)
+        sched = one_part_compressed(base, layer, head or 0, 0.2, 2 if head is not None else None)
         whole, short = ev.rows(sched), ev.rows(sched, from_layer=layer)
         for a, b in zip(whole, short, strict=True):
             torch.testing.assert_close(a.kl, b.kl, rtol=0, atol=0)
@@ -59,7 +59,7 @@ def test_from_layer_equals_the_whole_model_on_smollm2(smollm2, shared_data):
     ev = Evaluator(model, tasks.text_examples(data.cut_windows(stream, 256 + 32, 1), 256), query_window=32)
     base = Schedule(ratios=[1.0] * ev.layers, window=32, sinks=4)
     for layer, head in [(3, None), (17, None), (8, 2), (29, 0)]:
-        sched = _one_part_compressed(base, layer, head or 0, 0.1, 3 if head is not None else None)
+        sched = one_part_compressed(base, layer, head or 0, 0.1, 3 if head is not None else None)
         whole, short = ev.rows(sched), ev.rows(sched, from_layer=layer)
         torch.testing.assert_close(short[0].kl, whole[0].kl, rtol=0, atol=0)
         assert float(whole[0].kl.sum()) > 0
