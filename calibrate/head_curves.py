@@ -54,5 +54,9 @@ def from_shares(layer: torch.Tensor, head_estimate: torch.Tensor, layer_estimate
     """[K, L, H, G] head curves: the measured layer curves `layer` [K, L, G], each head taking the share of them
     that an estimate gives it, `head_estimate` [K, L, H, G] over `layer_estimate` [K, L, G] (the same estimate
     for the whole layer, e.g. `head_fisher.fisher_kl`). Where the estimate is 0 (nothing changed) so is the head."""
-    share = head_estimate / layer_estimate[:, :, None, :].clamp_min(1e-30)
-    return layer[:, :, None, :] * share
+    return layer[:, :, None, :] * head_shares(head_estimate, layer_estimate)
+
+
+def head_shares(head_estimate: torch.Tensor, layer_estimate: torch.Tensor) -> torch.Tensor:
+    """[K, L, H, G]: each head's estimate over its layer's, [K, L, H, G] over [K, L, G] (0 where both are)."""
+    return head_estimate / layer_estimate[:, :, None, :].clamp_min(1e-30)

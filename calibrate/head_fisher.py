@@ -27,7 +27,7 @@ import runtime
 from runtime.families import decoder_layers
 from runtime.schedule import Schedule
 
-from .scoring import Evaluator
+from .scoring import Evaluator, one_part_compressed
 
 # gradient samples per batch: on SmolLM2 the allocation the estimate gives loses 2-5% (screened against the
 # measured curves) at 48 and 5-7% at 16 (docs/method.md)
@@ -88,8 +88,9 @@ def sampled_gradients(
         logits = model(cont, cache=past, logits_to_keep=positions.to(model.device)).logits.float()
         probs = torch.softmax(logits.detach(), -1)  # [b, P, V]
         scored = ev.scored[batch].to(probs.dtype)[..., None]  # [b, P, 1]
+        host = probs.flatten(0, 1).cpu()  # the generator is a CPU one (the same draws on any device)
         for s in range(samples):
-            y = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=generator).view(probs.shape[:2])
+            y = torch.multinomial(host, 1, generator=generator).view(probs.shape[:2])
             # d log softmax(z)[y] / dz = onehot(y) - p, counted only where the row scores
             onehot = torch.zeros_like(probs).scatter_(-1, y[..., None].to(probs.device), 1.0)
             grads = torch.autograd.grad(
@@ -139,10 +140,9 @@ def batch_terms(
     for layer in layers:
         full = attention_output(evaluator, batch, base, layer)
         for g, ratio in enumerate(grid):
-            ratios = list(base.ratios)
-            ratios[layer] = ratio
             # every head at `ratio`: each selects alone, so its columns are those of it alone at `ratio`
-            deltas[layer, g] = attention_output(evaluator, batch, base.with_ratios(ratios), layer) - full
+            whole_layer = one_part_compressed(base, layer, 0, ratio, None)
+            deltas[layer, g] = attention_output(evaluator, batch, whole_layer, layer) - full
         tick(1.0)
     per_head = torch.zeros(evaluator.layers, heads, len(grid), dtype=torch.float64)
     per_layer = torch.zeros(evaluator.layers, len(grid), dtype=torch.float64)
@@ -182,6 +182,7 @@ def fisher_kl(
     scale = 1.0 / max(size)
     total = sum(s * scale * (len(layers) + samples * SAMPLE_WORK) for s in size)
     count, done = len(steps) * (len(layers) + samples), {"ticks": 0, "work": 0.0}
+    scored = [sum(float(s.sum()) for s in ev.scored) for ev in evaluators]  # tokens each evaluator scores
     for (k, b), rows_tokens in zip(steps, size, strict=True):
         ev = evaluators[k]
 
@@ -193,7 +194,6 @@ def fisher_kl(
 
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k * 1_009 + b)  # the same draws on a rerun
         h, lay = batch_terms(ev, b, base, layers, grid, heads, samples, generator, tick)
-        scored = sum(float(s.sum()) for s in ev.scored)
-        per_head[k] += (h / scored).float()
-        per_layer[k] += (lay / scored).float()
+        per_head[k] += (h / scored[k]).float()
+        per_layer[k] += (lay / scored[k]).float()
     return per_head, per_layer

@@ -116,7 +116,8 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     _, _, partial_path = profile_paths(stem)
     partial = PartialProfile(partial_path, settings.key())
     compressible = [c for c, _ in runtime.families.layer_plan(model)]
-    total = curve_count(settings, compressible, runtime.families.model_info(model).num_kv_heads)
+    kv_heads = runtime.families.model_info(model).num_kv_heads
+    total = curve_count(settings, compressible, kv_heads)
     if partial.tensors:
         # the recall pass saves three tensors as one curve
         done = sum(1 for k in partial.tensors if k not in profile.RECALL_CURVES[1:])
@@ -129,12 +130,12 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         progress("profile: prefill", i, n)
 
     ev, tasks = data.evaluators(model, "calibration", settings.sinks, progress=prefill)
-    heads = runtime.families.model_info(model).num_kv_heads if settings.per_head else 1
     # the head phase's work in layer phases: a layer's head curves cost its layer curve once per KV head, times
     # the share of grid points they measure; the Fisher pass a measured multiple of the layer phase
-    head_work = (heads - 1 > 0) * (
-        FISHER_COST if settings.head_curves == "fisher" else heads * len(settings.head_points) / len(profile.GRID)
-    )
+    head_work = 0.0
+    if settings.per_head and kv_heads > 1:
+        fisher = settings.head_curves == "fisher"
+        head_work = FISHER_COST if fisher else kv_heads * len(settings.head_points) / len(profile.GRID)
     report = _estimate(progress, partial, total, sum(compressible), head_work)
 
     prof = profile.measure(

@@ -30,7 +30,7 @@ from runtime.schedule import Schedule, Selection, group_heads, heads_compressibl
 from .allocate import equal_weight
 from .head_curves import check_points, from_layer_shape, from_shares
 from .head_fisher import SAMPLES, fisher_kl
-from .scoring import Evaluator
+from .scoring import Evaluator, one_part_compressed
 
 GRID = (0.02, 0.05, 0.1, 0.25, 0.5)
 RECALL_CURVES = ("recall", "overlap", "window_recall")  # saved together: the recall pass measures all three
@@ -463,13 +463,3 @@ def single_layer_kl(
         if progress:
             progress(phase, done, len(units), work=(sum(cost[:done]), total_cost))
     return out if heads else out[:, :, 0]
-
-
-def one_part_compressed(base: Schedule, layer: int, head: int, ratio: float, heads: int | None) -> Schedule:
-    if not heads:
-        ratios = list(base.ratios)
-        ratios[layer] = ratio
-        return base.with_ratios(ratios)
-    shares = [[1.0] * heads for _ in base.ratios]
-    shares[layer][head] = ratio
-    return base.with_head_ratios(shares)

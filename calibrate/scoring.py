@@ -152,6 +152,18 @@ def _layers_from(model, first: int, hidden: torch.Tensor) -> Iterator[None]:
                 layer.forward = forward
 
 
+def one_part_compressed(base: Schedule, layer: int, head: int, ratio: float, heads: int | None) -> Schedule:
+    """`base` (which keeps every token) with only layer `layer` keeping `ratio` of its context, or with `heads`
+    only KV head `head` of it."""
+    if not heads:
+        ratios = list(base.ratios)
+        ratios[layer] = ratio
+        return base.with_ratios(ratios)
+    shares = [[1.0] * heads for _ in base.ratios]
+    shares[layer][head] = ratio
+    return base.with_head_ratios(shares)
+
+
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 

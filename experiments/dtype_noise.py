@@ -17,7 +17,7 @@ import time
 
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
-from calibrate.profiling import one_part_compressed
+from calibrate.scoring import one_part_compressed
 from calibrate.settings import Settings
 from runtime.schedule import Schedule, write_atomic
 

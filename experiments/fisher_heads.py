@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     est_heads, est_layers = fisher_kl(evaluators, base, layers, prof.grid, heads, samples=args.samples, seed=args.seed)
     seconds = time.perf_counter() - start
     measured = prof.head_parts[:, layers]
-    split = from_shares(prof.parts, est_heads, est_layers)[:, layers]
+    split_all = from_shares(prof.parts, est_heads, est_layers)  # [K, L, H, G], what `calibrate` would use
+    split = split_all[:, layers]
     result = {
         "samples": args.samples,
         "layers": layers,
@@ -96,16 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         }
     if len(layers) == sum(prof.compressible):  # the screen water-fills every compressible layer
         screen = Screen(prof, shipped.context_length, settings.sinks + settings.window)
-        hybrid = from_shares(prof.parts, est_heads, est_layers)
+        hybrid = split_all.clone()
         exact = widest_splits(est_heads, est_layers, args.exact_layers)
         hybrid[:, exact] = prof.head_parts[:, exact]
-        for name, curves in (("split", from_shares(prof.parts, est_heads, est_layers)), ("exact_layers", hybrid)):
+        for name, curves in (("split", split_all), ("exact_layers", hybrid)):
             result["screen"][name] = screen.of_curves(weighted(prof, curves))
         result["screen"]["exact_layers_measured"] = sorted(exact)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("estimate")}, indent=2))
     if args.save_profile:
-        full = dataclasses.replace(prof, head_parts=from_shares(prof.parts, est_heads, est_layers))
-        full.save(args.save_profile)
+        dataclasses.replace(prof, head_parts=split_all).save(args.save_profile)
     if args.out:
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return 0

@@ -10,10 +10,9 @@ it). Parts, each written to --out as soon as it is measured: the full-cache pref
 validation examples; the attention-recall pass; single-layer and single-head curves for --sample-layers layers
 spread over the depth (a curve runs the continuation from its layer on, so its cost falls with depth and an even
 spread estimates the mean), extrapolated to every layer and head; the Fisher estimate of the head curves
-(`--head-curves fisher`) for the same layers, its gradient samples timed apart; --trials search trials (Optuna, in
-memory);
-the peak GPU memory; and the predicted wall time of `calibrate run --context-length N` with its default 40 trials,
-with measured and with Fisher head curves.
+(`--head-curves fisher`) for the same layers, its gradient samples timed apart; --trials search trials (Optuna,
+in memory); the peak GPU memory; and the predicted wall time of `calibrate run --context-length N` with its
+default 40 trials, with measured and with Fisher head curves.
 """
 
 from __future__ import annotations

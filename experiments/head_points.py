@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from calibrate.errors import CalibrateError
-from calibrate.head_curves import check_points, from_layer_shape, from_shares
+from calibrate.head_curves import check_points, from_layer_shape, from_shares, head_shares
 from calibrate.profiling import Profile
 from calibrate.search_space import Space, schedule_of_params
 from calibrate.settings import head_points_from_arg
@@ -35,7 +35,7 @@ from runtime.schedule import Schedule, load_schedule
 def widest_splits(head_estimate: torch.Tensor, layer_estimate: torch.Tensor, count: int) -> list[int]:
     """The `count` layers whose heads' estimated shares of the layer's KL differ most (max - min share, averaged
     over kinds and ratios), widest first: where an error in the estimate moves the allocation most."""
-    share = head_estimate / layer_estimate[:, :, None, :].clamp_min(1e-30)
+    share = head_shares(head_estimate, layer_estimate)
     spread = (share.amax(2) - share.amin(2)).mean((0, 2))  # [L]
     return sorted(range(spread.numel()), key=lambda i: -float(spread[i]))[:count]
 
@@ -82,12 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --points {args.points}: {e}") from None
     if args.fisher:
         estimate = json.loads(Path(args.fisher).read_text())
-        heads = from_shares(
-            prof.parts, torch.tensor(estimate["estimate_heads"]), torch.tensor(estimate["estimate_layers"])
-        )
-        exact = widest_splits(
-            torch.tensor(estimate["estimate_heads"]), torch.tensor(estimate["estimate_layers"]), args.exact_layers
-        )
+        est_heads, est_layers = torch.tensor(estimate["estimate_heads"]), torch.tensor(estimate["estimate_layers"])
+        heads = from_shares(prof.parts, est_heads, est_layers)
+        exact = widest_splits(est_heads, est_layers, args.exact_layers)
         heads[:, exact] = prof.head_parts[:, exact]
         label = {"head_curves": {"method": "fisher", "samples": estimate["samples"], "exact_layers": sorted(exact)}}
     else:

@@ -15,7 +15,8 @@ import time
 
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
-from calibrate.profiling import GRID, one_part_compressed
+from calibrate.profiling import GRID
+from calibrate.scoring import one_part_compressed
 from calibrate.settings import Settings
 from runtime.schedule import Schedule, write_atomic
 

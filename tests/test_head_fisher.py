@@ -10,8 +10,7 @@ from tiny_models import tiny_model
 
 from calibrate.head_curves import from_shares
 from calibrate.head_fisher import attention_output, fisher_kl
-from calibrate.profiling import one_part_compressed
-from calibrate.scoring import Evaluator
+from calibrate.scoring import Evaluator, one_part_compressed
 from runtime.schedule import Schedule
 
 GRID = [0.3, 0.6, 0.9]

@@ -8,8 +8,7 @@ import torch
 from tiny_models import tiny_model
 
 import runtime
-from calibrate.profiling import one_part_compressed
-from calibrate.scoring import Evaluator, Example, Reference, token_scores
+from calibrate.scoring import Evaluator, Example, Reference, one_part_compressed, token_scores
 from runtime.schedule import Schedule
 
 
