@@ -29,11 +29,11 @@ from runtime.schedule import Schedule
 
 from .scoring import Evaluator, one_part_compressed
 
-# gradient samples per batch: on SmolLM2 the allocation the estimate gives loses 2-5% (screened against the
-# measured curves) at 48 and 5-7% at 16 (docs/method.md)
+# gradient samples per batch: on SmolLM2 the allocation the estimate gives at 48 loses 2-5% in the screen against
+# the measured curves (docs/method.md); fewer samples give noisier shares
 SAMPLES = 48
-# a gradient sample (a backward pass through every layer) costs about 20 times one layer's changes at every grid
-# ratio (SmolLM2, 3 rows x 128 tokens over 1024: 2 s against 0.1 s): the weights of the progress bar
+# a gradient sample (a backward pass through every layer) costs roughly 20 times one layer's changes at every grid
+# ratio (timed once on SmolLM2, 3 rows x 128 tokens over 1024: 2 s against 0.1 s): only the progress bar's weights
 SAMPLE_WORK = 20.0
 
 

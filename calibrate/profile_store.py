@@ -21,8 +21,8 @@ from runtime.schedule import write_atomic
 from .errors import CalibrateError
 from .settings import Settings
 
-# the Fisher head pass's time over the layer curves' (calibrate run --head-curves fisher on SmolLM2, 2 cores:
-# about 145 s against 136 s)
+# the Fisher head pass's time over the layer curves' (calibrate run --head-curves fisher on SmolLM2, 2 cores: about
+# 145 s against 136 s, read off its progress bars): only the time estimate printed before the head phase
 FISHER_COST = 1.05
 
 
