@@ -169,7 +169,13 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 class Evaluator:
-    """Holds the prefilled full caches and reference distributions of a fixed set of examples."""
+    """Holds the prefilled full caches and reference distributions of a fixed set of examples.
+
+    Candidates are scored one at a time, so their forks append into room the full caches reserve for the
+    continuation (`PyramidCache.fork(into_room=True)`); `into_room = False` copies instead (the simple path the
+    tests compare with)."""
+
+    into_room = True
 
     def __init__(
         self,
@@ -209,7 +215,12 @@ class Evaluator:
             for i, idx in enumerate(self.batches):
                 ctx = torch.stack([self.examples[j].context for j in idx]).to(device)
                 out = model(ctx, logits_to_keep=1)
-                self.caches.append(out.past_key_values)
+                cache = out.past_key_values
+                # room for the continuation: every candidate's fork appends there instead of copying the
+                # prompt's slots of each layer it does not trim (one copy now instead of one per candidate)
+                positions = self.positions[i]
+                cache.reserve(int(positions[-1]) + 1 if positions.numel() else 1)
+                self.caches.append(cache)
                 inputs: list[torch.Tensor] = []
                 handles = [
                     layer.register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.append(args[0]))
@@ -239,7 +250,7 @@ class Evaluator:
         """[b, P, V] float logits at the batch's scored positions, the continuation fed only up to the last."""
         b = self.batches.index(idx)
         if cache is None:
-            cache = self.caches[b].fork(schedule)
+            cache = self.caches[b].fork(schedule, into_room=self.into_room)
         positions = self.positions[b]
         n = int(positions[-1]) + 1 if positions.numel() else 1
         cont = torch.stack([self.examples[j].continuation[:n] for j in idx]).to(self.model.device)
@@ -250,7 +261,7 @@ class Evaluator:
         return logits.float()
 
     def compressed_cache(self, batch: int, schedule: Schedule) -> PyramidCache:
-        cache = self.caches[batch].fork(schedule)
+        cache = self.caches[batch].fork(schedule, into_room=self.into_room)
         cache.compress_now()
         return cache
 

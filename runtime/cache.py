@@ -21,22 +21,48 @@ __all__ = ["AnyLayer", "PyramidCache", "PyramidLayer", "RaggedLayer", "Step", "c
 AnyLayer = PyramidLayer | RaggedLayer
 
 
-def _forked(layer: PyramidLayer, ratio: float, schedule: Schedule) -> PyramidLayer:
+class LateFlag:
+    """A device-side boolean that the host reads later without stalling the device: on CUDA it is copied at once,
+    without blocking, into pinned host memory, and reading it waits only for that copy (long done by the next
+    step: the device runs the step's work queued after it meanwhile). On the CPU it is simply read."""
+
+    def __init__(self, flag: torch.Tensor, host: torch.Tensor | None = None):
+        self.event = None
+        if flag.is_cuda:
+            self.host = host if host is not None else torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
+def _forked(layer: PyramidLayer, ratio: float, schedule: Schedule, into_room: bool = False) -> PyramidLayer:
     """A copy of `layer` that shares its tensors and keeps `ratio` under `schedule`."""
     out = copy.copy(layer)
     out.ratio = ratio
     out.compressible = ratio < 1.0 and not out.is_sliding and out.plan_compressible
     out.query_window = schedule.window
     out.spare = schedule.decode.interval
-    # the views become the buffers: no spare room, so the fork's first append copies instead of writing into
-    # storage that the source cache (or another fork) still uses
-    out.keys, out.values, out.pos, out.valid = out.keys, out.values, out.pos, out.valid
+    if not into_room:
+        # the views become the buffers: no spare room, so the fork's first append copies instead of writing into
+        # storage that the source cache (or another fork) still uses
+        out.keys, out.values, out.pos, out.valid = out.keys, out.values, out.pos, out.valid
     out.keep_newest_queries()
     return out
 
 
 class PyramidCache(Cache):
     """The KV cache used under `runtime.apply`: one `PyramidLayer` per decoder layer."""
+
+    # a decode step learns whether its token is padding at the next pass instead of waiting for the device now;
+    # False waits now (the simple path the tests compare with)
+    defer_validity = True
 
     def __init__(self, schedule: Schedule, plan: list[tuple[bool, int | None]]):
         """`plan` holds, per layer, whether it may be compressed and its sliding window (or None)."""
@@ -54,6 +80,7 @@ class PyramidCache(Cache):
         self.step: Step | None = None
         self.since_trim = [0] * len(self.layers)  # per layer: tokens fed since its last trim
         self.ragged_kernel = False  # decode split layers in one kernel launch (`runtime.apply(..., ragged_kernel=)`)
+        self.late_invalid: LateFlag | None = None  # whether the last decode step fed padding, not yet read
         # drop mode: after layer l only the tokens some deeper layer may keep go on; its largest share decides
         # (uncompressed full-attention layers need every token; sliding layers make do with what they get)
         need = [lay.top_ratio if lay.compressible else (None if lay.is_sliding else 1.0) for lay in self.layers]
@@ -67,9 +94,18 @@ class PyramidCache(Cache):
 
     def begin(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
         """Called once per forward pass, before the first layer."""
-        has_invalid = bool((~q_valid).any())  # one host sync per forward, never per layer
         prefill = self.seen_slots == 0
         q = q_pos.shape[1]
+        self.learn_validity()
+        if prefill or q > 1 or not self.defer_validity:
+            has_invalid = bool((~q_valid).any())  # one host sync per prompt or chunk, never per layer
+        else:
+            # a decode step never waits for the device: whether its token is padding changes nothing in this
+            # pass (a padding query sees every slot, as with no mask at all, and its own output is never read),
+            # only the masks of later passes, so the layers learn it at the next pass or trim (`learn_validity`)
+            has_invalid = False
+            host = self.late_invalid.host if self.late_invalid is not None else None
+            self.late_invalid = LateFlag((~q_valid).any(), host if q_valid.is_cuda else None)
         self.step = Step(
             q_pos=q_pos,
             q_valid=q_valid,
@@ -81,6 +117,14 @@ class PyramidCache(Cache):
         added = q_valid.sum(-1)
         self.seen_valid = added if self.seen_valid is None else self.seen_valid + added
         self.seen_slots += q_pos.shape[1]
+
+    def learn_validity(self) -> None:
+        """If the last decode step fed a padding token, mark every layer as holding invalid slots (then masks and
+        scores look at validity). Called before anything reads that: the next pass, a trim, a fork, an inspection."""
+        late, self.late_invalid = self.late_invalid, None
+        if late is not None and late.read():
+            for unit in (u for layer in self.layers for u in layer.units()):
+                unit.has_invalid = True
 
     def _trims_due(self, prefill: bool, fed: int) -> list[bool]:
         """Per layer, whether it trims after this pass: right after prefill, then once every `decode.interval` fed
@@ -123,6 +167,7 @@ class PyramidCache(Cache):
         due = [unit.due(schedule, self.seen_slots, step.trim_now[layer_idx]) for unit, _ in parts]
         m_max = self._forward_due(layer_idx)
         if m_max is not None or any(k is not None for k in due):
+            self.learn_validity()  # trims run eagerly: scoring may wait for the device
             scores = [unit.scores(schedule, scaling) for unit, _ in parts]
             if m_max is not None:  # scored over all of this pass's tokens (every head holds them), before any cut
                 self._plan_forward(layer_idx, torch.cat(scores, 1).mean(1, keepdim=True), m_max)
@@ -171,14 +216,29 @@ class PyramidCache(Cache):
         if self.seen_valid is not None:
             self.seen_valid = self.seen_valid.repeat_interleave(repeats, dim=0)
 
-    def fork(self, schedule: Schedule) -> PyramidCache:
+    def reserve(self, tokens: int) -> None:
+        """Allocate, now, room for `tokens` more slots in every layer that keeps one buffer for all its heads.
+
+        A fork made with `into_room=True` appends into that room instead of copying the layer's slots at its
+        first append: calibration scores many candidates, one after the other, from one prefilled cache.
+        """
+        for layer in self.layers:
+            if isinstance(layer, PyramidLayer):
+                layer.reserve(tokens)
+
+    def fork(self, schedule: Schedule, into_room: bool = False) -> PyramidCache:
         """A new cache under `schedule` that starts from this one's contents (shares tensors, copies nothing).
 
         Calibration prefills once with an all-ones schedule and a wide query window, then forks that cache for
         every candidate schedule and calls `compress_now`: evict mode needs no second prefill. Evaluation forks a
         compressed cache to score one continuation and generate another from the same state; a layer already
         split by head stays split, each head forked alone.
+
+        `into_room`: the fork's layers that it does not trim append into this cache's spare room (`reserve`)
+        instead of copying their slots first. This cache reads only its own slots, so it is unchanged; but every
+        such fork writes the same room, so use one at a time, and never append to this cache while one is in use.
         """
+        self.learn_validity()
         other = PyramidCache.__new__(PyramidCache)
         layers = []
         for i, layer in enumerate(self.layers):
@@ -192,7 +252,7 @@ class PyramidCache(Cache):
                 forked = RaggedLayer(heads, ring)
                 forked.is_initialized, forked.device = layer.is_initialized, layer.device
             else:
-                forked = _forked(layer, schedule.ratios[i], schedule)
+                forked = _forked(layer, schedule.ratios[i], schedule, into_room)
                 if heads is not None and forked.compressible:
                     forked = RaggedLayer.split(forked, heads)
             layers.append(forked)
@@ -201,11 +261,13 @@ class PyramidCache(Cache):
         other.seen_slots, other.seen_valid, other.step = self.seen_slots, self.seen_valid, None
         other.since_trim = [0] * len(other.layers)
         other.ragged_kernel = self.ragged_kernel
+        other.late_invalid = None
         other.forward_ratio = [None] * len(other.layers)
         return other
 
     def compress_now(self) -> None:
         """Trim every layer to its share of the tokens seen so far, as right after a prefill."""
+        self.learn_validity()
         for unit in (u for layer in self.layers for u in layer.units()):
             k_max = unit.due(self.schedule, self.seen_slots, trim_now=True)
             if k_max is not None:

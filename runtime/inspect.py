@@ -39,6 +39,7 @@ def _layer(cache: PyramidCache, layer_idx: int) -> AnyLayer:
         raise TypeError(f"expected a runtime PyramidCache, got {type(cache).__name__}")
     if not 0 <= layer_idx < len(cache.layers):
         raise IndexError(f"layer {layer_idx} is out of range: the cache has {len(cache.layers)} layers")
+    cache.learn_validity()  # a padding token of the last decode step counts as soon as anything is read
     return cache.layers[layer_idx]
 
 

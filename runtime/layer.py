@@ -22,7 +22,7 @@ class Step:
 
     q_pos: torch.Tensor  # [B, q]
     q_valid: torch.Tensor  # [B, q]
-    has_invalid: bool  # python flag, so that mask-free fast paths need no device sync
+    has_invalid: bool  # python flag, so that mask-free fast paths need no device sync (a decode step: False)
     prefill: bool  # the cache was empty before this pass
     trim_now: list[bool]  # per layer: trimmed after this pass
     seen_slots: int  # positions fed so far, this pass included
@@ -99,6 +99,12 @@ class _SlotStore:
     def _has_room(self, name: str, q: int) -> bool:
         d = self.__dict__
         return d["_" + name].shape[2] >= d["_" + name + "_used"] + q
+
+    def _reserve(self, name: str, slots: int) -> None:
+        """Give the `_Slots` attribute `name` room for `slots` more slots (a copy, unless it has them already)."""
+        d = self.__dict__
+        used = d["_" + name + "_used"]
+        d["_" + name] = _with_room(d["_" + name], used, used + slots, 0)
 
 
 class QueryMemory(_SlotStore):
@@ -248,6 +254,12 @@ class PyramidLayer(BatchIndexing, QueryMemory, DynamicLayer):
 
     def stored(self) -> int:
         return 0 if self.keys is None else self.__dict__["_keys_used"]
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` more slots in every slot buffer, allocated now (see `PyramidCache.reserve`)."""
+        if self.keys is not None:
+            for name in ("keys", "values", "pos", "valid"):
+                self._reserve(name, slots)
 
     def kv_nbytes(self) -> int:
         """Bytes allocated for keys and values, spare room included."""

@@ -7,6 +7,7 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 
 import runtime
+import runtime.inspect
 from runtime import Decode, Schedule, Selection
 
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -332,3 +333,114 @@ def test_a_padded_prompt_builds_one_mask_per_window_not_per_layer(family, mode, 
     assert len(seen) == model.config.num_hidden_layers and len(windows) == (2 if family == "gemma3" else 1)
     distinct = len({id(m) for _, m in seen})
     assert distinct == len(windows) if mode == "evict" else distinct > len(windows)
+
+
+def _decode_steps(model, ids, mask, steps, pad_at, cache=None):
+    """Feed `steps` greedy tokens one call at a time (explicit positions); row 0's token at step `pad_at` is
+    padding (mask 0). Returns each step's logits [B, V] and the cache."""
+    out = model(ids, attention_mask=mask, cache=cache)
+    cache, logits = out.past_key_values, []
+    nxt = out.logits[:, -1:].argmax(-1)
+    for step in range(steps):
+        col = torch.ones(ids.shape[0], 1, dtype=mask.dtype)
+        if step == pad_at:
+            col[0] = 0
+        mask = torch.cat([mask, col], 1)
+        pos = torch.full((ids.shape[0], 1), mask.shape[1] - 1)
+        out = model(nxt, attention_mask=mask, position_ids=pos, cache=cache)
+        logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1:].argmax(-1)
+    return logits, cache
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_padding_token_while_decoding_is_masked_from_the_next_step_on(family):
+    """A decode step learns that its token is padding without waiting for the device; the next steps must mask
+    it as the stock model does (all-ones schedule), and under a compressed per-head schedule with trims every 4
+    tokens give what waiting for the device at once gives."""
+    from transformers import DynamicCache
+
+    model = tiny_model(family, kv_heads=2)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    n = model.config.num_hidden_layers
+    with torch.inference_mode():
+        if family == "llama":  # (Gemma 3's stock sliding layers treat a padding slot inside the window otherwise)
+            stock, _ = _decode_steps(model, ids, mask, 8, pad_at=2, cache=DynamicCache(config=model.config))
+            with runtime.apply(model, schedule_for(model, [1.0] * n)):
+                ours, _ = _decode_steps(model, ids, mask, 8, pad_at=2)
+            for step in range(3, 8):  # the padding token's own logits (step 2, row 0) are never read
+                torch.testing.assert_close(ours[step], stock[step], rtol=1e-4, atol=1e-4)
+        shares = [[0.3, 0.6] for _ in range(n)]
+        sched = schedule_for(model, decode=Decode(interval=4)).with_head_ratios(shares)
+        runs = {}
+        for defer in (True, False):
+            runtime.PyramidCache.defer_validity = defer
+            try:
+                with runtime.apply(model, sched):
+                    runs[defer] = _decode_steps(model, ids, mask, 12, pad_at=5)
+            finally:
+                runtime.PyramidCache.defer_validity = True
+    (late, late_cache), (now, now_cache) = runs[True], runs[False]
+    # at step 5 row 1 ran without a mask in one run and with one in the other: equal up to rounding
+    for step in [s for s in range(12) if s != 5]:
+        torch.testing.assert_close(late[step], now[step], rtol=1e-5, atol=1e-5)
+    for layer in range(n):
+        for a, b in zip(runtime.inspect.kept(late_cache, layer), runtime.inspect.kept(now_cache, layer)):
+            assert torch.equal(a.valid, b.valid) and torch.equal(a.positions, b.positions)
+    assert not all(bool(k.valid.all()) for k in runtime.inspect.kept(late_cache, 0))  # the pad slot is held
+
+
+def test_a_plain_decode_step_reads_nothing_back_from_the_device(monkeypatch):
+    """No host sync on a decode step (a left-padded batch, per-head shares, no trim due): the only read is the
+    previous step's padding flag, which on CUDA waits for nothing but its own early copy (`LateFlag`)."""
+    from runtime.cache import LateFlag
+
+    model = tiny_model("llama", kv_heads=2)
+    n = model.config.num_hidden_layers
+    sched = schedule_for(model).with_head_ratios([[0.4, 0.7] for _ in range(n)])
+    ids, mask = left_pad(prompts())
+    reads = []
+    names = ["__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy"]
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    trapping = [False]
+
+    def trap(name):
+        def read(self, *args, **kwargs):
+            if trapping[0]:
+                reads.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    flag_read = LateFlag.read
+
+    def untrapped_read(self):
+        was, trapping[0] = trapping[0], False
+        try:
+            return flag_read(self)
+        finally:
+            trapping[0] = was
+
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    monkeypatch.setattr(LateFlag, "read", untrapped_read)
+    with runtime.apply(model, sched), torch.inference_mode():
+        out = model(ids, attention_mask=mask)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(4):  # the schedule trims every 32 tokens: none of these steps trims
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            trapping[0] = True
+            out = model(nxt, attention_mask=mask, cache=cache)
+            trapping[0] = False
+            nxt = out.logits[:, -1:].argmax(-1)
+    assert reads == []
+    runtime.PyramidCache.defer_validity = False  # the check can fail: waiting at once is a read
+    try:
+        with runtime.apply(model, sched), torch.inference_mode():
+            trapping[0] = True
+            model(nxt, attention_mask=torch.cat([mask, mask[:, :1]], 1), cache=cache)
+            trapping[0] = False
+    finally:
+        runtime.PyramidCache.defer_validity = True
+    assert reads == ["__bool__"]

@@ -40,6 +40,57 @@ def test_from_layer_equals_the_whole_model(family):
     assert ev.score(base).kl == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_forks_that_append_into_the_reserved_room_equal_forks_that_copy(family, monkeypatch):
+    """Scoring forks write their continuation into room the full caches reserved (`fork(into_room=True)`); one
+    after the other they give exactly the scores of forks that copy, and the full caches keep their own slots."""
+    model = tiny_model(family, kv_heads=2)
+    ev = Evaluator(model, examples(), query_window=16, sinks=2, batch_size=2)
+    before = [[(k.keys.clone(), k.positions.clone()) for k in runtime.inspect.kept(c, 0)] for c in ev.caches]
+    base = Schedule(ratios=[1.0] * ev.layers, window=8, sinks=2)
+    ratios = [0.3 if c else 1.0 for c, _ in runtime.families.layer_plan(model)]
+    scheds = [
+        (base, 0),
+        (base.with_ratios(ratios), 0),
+        (one_part_compressed(base, 1, 1, 0.2, 2), 1),
+        (one_part_compressed(base, 2, 0, 0.2, None), 2),
+    ]
+    results = {}
+    for into_room in (True, False):
+        monkeypatch.setattr(Evaluator, "into_room", into_room)
+        results[into_room] = [ev.rows(s, from_layer=f) for s, f in scheds for _ in range(2)]  # each twice
+    for a_rows, b_rows in zip(results[True], results[False], strict=True):
+        for a, b in zip(a_rows, b_rows, strict=True):
+            torch.testing.assert_close(a.kl, b.kl, rtol=0, atol=0)
+            torch.testing.assert_close(a.nll, b.nll, rtol=0, atol=0)
+    assert sum(float(r.kl.sum()) for r in results[True][2]) > 0
+    for cache, kept in zip(ev.caches, before, strict=True):
+        for k, (keys, pos) in zip(runtime.inspect.kept(cache, 0), kept, strict=True):
+            assert torch.equal(k.keys, keys) and torch.equal(k.positions, pos)
+
+
+def test_a_fork_into_room_writes_the_room_and_not_the_source_slots():
+    """`reserve` then `fork(into_room=True)`: the fork's append lands in the source's buffer (no copy), the
+    source still holds its own slots and length; a plain fork's append copies."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    ones = Schedule(ratios=[1.0] * model.config.num_hidden_layers, window=4, sinks=2)
+    with runtime.apply(model, ones), torch.inference_mode():
+        src = model(ids).past_key_values
+        src.reserve(8)
+        (held,) = runtime.inspect.kept(src, 0)
+        keys = held.keys.clone()
+        for into_room in (True, False):
+            fork = src.fork(ones, into_room=into_room)
+            model(ids[:, :5], cache=fork)
+            (mine,) = runtime.inspect.kept(fork, 0)
+            assert mine.keys.shape[2] == 25
+            assert (mine.keys.untyped_storage().data_ptr() == held.keys.untyped_storage().data_ptr()) == into_room
+            (held,) = runtime.inspect.kept(src, 0)
+            assert held.keys.shape[2] == 20 and torch.equal(held.keys, keys)
+            assert src.stored_lengths() == [20] * len(src.layers)
+
+
 def test_from_layer_refuses_a_schedule_that_compresses_below_it():
     model = tiny_model("llama")
     ev = Evaluator(model, examples(n=2), query_window=16, sinks=2)
