@@ -232,6 +232,22 @@ def greedy_run(
     )
 
 
+def run_config(
+    model, name: str, ids: torch.Tensor, mask: torch.Tensor, steps: int, schedule: Schedule | None = None
+) -> RunStats:
+    """One greedy run of configuration `name` on these prompts: under `schedule` when given, else stock with a
+    `DynamicCache` (`stock_dynamic`) or a `StaticCache` sized for the prompt and the fed tokens (the others)."""
+    if schedule is not None:
+        with runtime.apply(model, schedule):
+            return greedy_run(model, ids, mask, steps, schedule=schedule)
+    if name == "stock_dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        # exactly what the run writes (the last token is never fed back), so it holds what DynamicCache does
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps - 1)
+    return greedy_run(model, ids, mask, steps, cache)
+
+
 def median_run(runs: list[RunStats]) -> RunStats:
     """Each figure's median over `runs` (None where a run has none)."""
 
@@ -290,23 +306,14 @@ def compare(
         raise ValueError(f"new_tokens must be at least 2 (a prefill token and a decode step), got {new_tokens}")
     cut_ids, cut_mask = precut_inputs(ids, mask, schedule)
     interval = schedule.decode.interval
-    config = model.config
 
     schedules = {"schedule": schedule, **({"other": other} if other is not None else {})}
     configs = (*CONFIGS, *(["other"] if other is not None else []))
     against = {name: label for name, label in AGAINST.items() if name in configs}
 
     def run(name: str, steps: int) -> RunStats:
-        if name in schedules:
-            with runtime.apply(model, schedules[name]):
-                return greedy_run(model, ids, mask, steps, schedule=schedules[name])
         x, m = (cut_ids, cut_mask) if name == "precut" else (ids, mask)
-        if name == "stock_dynamic":
-            cache = DynamicCache(config=config)
-        else:
-            # exactly what the run writes (the last token is never fed back), so it holds what DynamicCache does
-            cache = StaticCache(config=config, max_cache_len=x.shape[1] + steps - 1)
-        return greedy_run(model, x, m, steps, cache)
+        return run_config(model, name, x, m, steps, schedules.get(name))
 
     # warm-up, untimed: first calls pay for lazy init and the allocator learns the shapes; the schedule runs
     # through its first trim when the timed runs will have one
@@ -348,6 +355,74 @@ def compare(
         "decode_speed": {label: ratios_vs[name]["decode_tokens_per_s"] for name, label in against.items()},
         "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
     }
+
+
+THROUGHPUT_CONFIGS = ("stock_static", "schedule")  # the honest baseline and the schedule, each at its largest batch
+
+
+def generation_tokens_per_s(r: RunStats, new_tokens: int, rows: int) -> float:
+    """Tokens generated per second over the whole request: prefill and every decode step."""
+    decode_s = rows * r.decode_steps / max(r.decode_tokens_per_s, 1e-12)
+    return rows * new_tokens / max(r.prefill_s + decode_s, 1e-12)
+
+
+def throughput_at_largest(
+    model,
+    prompts: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    schedule: Schedule,
+    rows: dict[str, int],
+    new_tokens: int = 64,
+    repeats: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Stock `StaticCache` and the schedule, each run at its own largest batch (`rows`, e.g. `compare`'s
+    `largest_batch`: what fits the same KV limit), in turn, the order reversing every other repeat: decode tokens/s
+    and generation tokens/s (prefill included) there, medians over `repeats`, and the schedule's ratio to stock.
+    `prompts(n)` gives `n` unpadded prompts and their mask. This is the paper's throughput metric: what a server
+    with that much memory for KV serves per second."""
+    for name in THROUGHPUT_CONFIGS:
+        if rows.get(name, 0) < 1:
+            raise ValueError(f"{LABELS[name]} fits no row in the KV limit; raise the limit")
+    runs: dict[str, list[RunStats]] = {name: [] for name in THROUGHPUT_CONFIGS}
+    for i in range(repeats):
+        for name in THROUGHPUT_CONFIGS if i % 2 == 0 else THROUGHPUT_CONFIGS[::-1]:
+            if progress:
+                progress(f"throughput {i + 1}/{repeats}: {LABELS[name]} at batch {rows[name]}")
+            ids, mask = prompts(rows[name])
+            runs[name].append(run_config(model, name, ids, mask, new_tokens, schedule if name == "schedule" else None))
+    med = {name: median_run(r) for name, r in runs.items()}
+    decode = {name: r.decode_tokens_per_s for name, r in med.items()}
+    generation = {name: generation_tokens_per_s(r, new_tokens, rows[name]) for name, r in med.items()}
+    return {
+        "rows": {name: rows[name] for name in THROUGHPUT_CONFIGS},
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "configs": {name: asdict(r) for name, r in med.items()},
+        "decode_tokens_per_s": decode,
+        "generation_tokens_per_s": generation,
+        "decode_ratio": decode["schedule"] / max(decode["stock_static"], 1e-12),
+        "generation_ratio": generation["schedule"] / max(generation["stock_static"], 1e-12),
+    }
+
+
+def format_throughput(t: dict) -> str:
+    """The throughput part: stock StaticCache and the schedule at their largest batches, and the ratio."""
+    names = THROUGHPUT_CONFIGS
+    mb = 1 / 2**20
+    rows = t["rows"]
+    lines = [
+        "| at the largest batch | " + " | ".join(LABELS[n] for n in names) + " | schedule / stock |",
+        "|---|---|---|---|",
+        f"| batch | {rows['stock_static']} | {rows['schedule']} | {rows['schedule'] / rows['stock_static']:.2f}x |",
+    ]
+    for label, key in (("decode tokens/s", "decode_tokens_per_s"), ("generation tokens/s (prefill included)",
+                                                                    "generation_tokens_per_s")):  # fmt: skip
+        ratio = t[key]["schedule"] / max(t[key]["stock_static"], 1e-12)
+        lines.append(f"| {label} | " + " | ".join(f"{t[key][n]:.1f}" for n in names) + f" | {ratio:.2f}x |")
+    for label, key in (("KV MiB at end", "kv_bytes_end"), ("peak memory MiB (above start)", "peak_memory_bytes")):
+        a, b = (t["configs"][n][key] for n in names)
+        lines.append(f"| {label} | {a * mb:.0f} | {b * mb:.0f} | {b / max(a, 1):.2f}x |")
+    return "\n".join(lines)
 
 
 def _cell(value: float | None, fmt: str, scale: float | None = None) -> str:
@@ -397,4 +472,6 @@ def format_table(result: dict) -> str:
         f"prompt tokens; trim steps: every {result['trim_interval']} tokens after prefill"
         + (", staggered over the layers (a step where any layer trims)" if result.get("stagger") else ""),
     ]
+    if "throughput" in result:
+        lines += ["", format_throughput(result["throughput"])]
     return "\n".join(lines)

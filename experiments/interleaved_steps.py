@@ -1,11 +1,14 @@
 """Decode steps of several caches interleaved one step at a time: per-head split layers against a per-layer
 schedule of the same KV, and (with `--head-by-head`) split layers appending head by head instead of into their flat
-buffers. A step of each runs back to back, the order reversing every step, so a slow stretch of a noisy machine
-slows them alike; the paired per-step ratio is what is compared.
+buffers; with `--ones`, the all-ones schedule against stock `StaticCache` instead (the runtime's own overhead). A
+step of each runs back to back, the order reversing every step, so a slow stretch of a noisy machine slows them
+alike; the paired per-step ratio is what is compared. `--prefills N` also times N prefills of each, interleaved
+the same way (after one untimed round), and compares them paired.
 
     python -m experiments.interleaved_steps [--heads schedules/smollm2-135m-instruct_b0.3.json] \\
         [--layers docs/per_layer_calibrated/smollm2-135m-instruct_b0.3.json] [--steps 128] [--head-by-head] \\
         [--out FILE]
+    python -m experiments.interleaved_steps --ones --prefills 5 [--out FILE]
 
 SmolLM2 (fp32, CPU), batch 8 x 2048-token prompts cut from ../shared/data/gutenberg as `calibrate bench` cuts
 them; each cache is prefilled once (evict mode, as calibrated), then decoded greedily. Trim steps (every
@@ -43,6 +46,34 @@ def head_by_head(on: bool):
         RaggedLayer.flat = before
 
 
+STOCK = "stock StaticCache"
+
+
+@contextlib.contextmanager
+def running(model, config: tuple):
+    """Inside: calls of `model` run as `config` (schedule or None for stock, head by head or not) says."""
+    import runtime
+
+    sched, hbh = config
+    if sched is None:
+        yield
+        return
+    with runtime.apply(model, sched), head_by_head(hbh):
+        yield
+
+
+def prefill(model, config: tuple, ids: torch.Tensor, steps: int):
+    """(cache, next token, seconds) of one prefill under `config`; stock gets a StaticCache with room for `steps`."""
+    from transformers import StaticCache
+
+    cache = None if config[0] is not None else StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    with running(model, config), torch.inference_mode():
+        t = time.perf_counter()
+        out = model(ids, cache=cache, logits_to_keep=1)
+        seconds = time.perf_counter() - t
+    return out.past_key_values, out.logits[:, -1:].argmax(-1), seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", default="schedules/smollm2-135m-instruct_b0.3.json")
@@ -51,57 +82,85 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--head-by-head", action="store_true", help="also the per-head schedule appending head by head")
+    p.add_argument("--ones", action="store_true", help="the all-ones schedule against stock StaticCache instead")
+    p.add_argument("--prefills", type=int, default=0, help="also time this many interleaved prefills of each")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.ones and args.head_by_head:
+        p.error("--ones compares the all-ones schedule with stock; --head-by-head needs the per-head schedule")
     check_out(args.out)
     import runtime
+    from calibrate.schedule_spec import resolve_schedule
 
     model, tok = load_model(None, "float32", "cpu")
     stream = data.token_stream(tok, data.load_texts([default_text()]))
     ids = data.cut_windows(stream, args.context, args.batch)
-    configs = {"per head": (args.heads, False), "per layer": (args.layers, False)}
-    if args.head_by_head:
-        configs["per head, head by head"] = (args.heads, True)
-    state = {}
-    for name, (path, hbh) in configs.items():
-        sched = load_schedule(path)
-        with runtime.apply(model, sched), head_by_head(hbh), torch.inference_mode():
-            out = model(ids, logits_to_keep=1)
-        state[name] = {"schedule": sched, "cache": out.past_key_values, "next": out.logits[:, -1:].argmax(-1)}
-        state[name]["times"] = []
-        print(f"prefilled {name} ({path})", flush=True)
+    if args.ones:
+        configs = {"all-ones": (resolve_schedule("ones", model, args.context), False), STOCK: (None, False)}
+        paths, baseline = {"all-ones": "ones", STOCK: None}, STOCK
+    else:
+        configs = {"per head": (load_schedule(args.heads), False), "per layer": (load_schedule(args.layers), False)}
+        paths, baseline = {"per head": args.heads, "per layer": args.layers}, "per layer"
+        if args.head_by_head:
+            configs["per head, head by head"] = (configs["per head"][0], True)
+            paths["per head, head by head"] = args.heads
     names = list(configs)
+    prefills: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.prefills + 1 if args.prefills else 0):  # round 0 untimed: first calls pay lazy init
+        for name in names if r % 2 == 0 else names[::-1]:
+            seconds = prefill(model, configs[name], ids, args.steps)[2]
+            if r:
+                prefills[name].append(seconds)
+        print(f"prefill round {r}/{args.prefills}", flush=True)
+    state = {}
+    for name in names:
+        cache, nxt, _ = prefill(model, configs[name], ids, args.steps)
+        state[name] = {"cache": cache, "next": nxt, "times": []}
+        print(f"prefilled {name} ({paths[name] or 'stock'})", flush=True)
     for step in range(args.steps):
         for name in names if step % 2 == 0 else names[::-1]:
             s = state[name]
-            with runtime.apply(model, s["schedule"]), head_by_head(configs[name][1]), torch.inference_mode():
+            with running(model, configs[name]), torch.inference_mode():
                 t = time.perf_counter()
                 out = model(s["next"], cache=s["cache"], logits_to_keep=1)
                 s["times"].append(time.perf_counter() - t)
             s["next"] = out.logits[:, -1:].argmax(-1)
-    interval = state["per head"]["schedule"].decode.interval
+    interval = next(c[0] for c in configs.values() if c[0] is not None).decode.interval
     plain = {n: [t for i, t in enumerate(state[n]["times"]) if (i + 1) % interval != 0] for n in names}
 
-    def paired(a: str, b: str) -> float:
-        """Median over plain steps of (b's step time / a's): a's speed relative to b's."""
-        return statistics.median(tb / ta for ta, tb in zip(plain[a], plain[b], strict=True))
+    def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+        """Median over pairs of (b's time / a's): a's speed relative to b's."""
+        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
 
+    others = [n for n in names if n != baseline]
+    vs = "per_layer" if baseline == "per layer" else "stock_static"
     result = {
         "batch": args.batch,
         "context": args.context,
         "steps": args.steps,
-        "configs": {n: configs[n][0] for n in names},
+        "configs": paths,
         "plain_step_ms_median": {n: round(statistics.median(plain[n]) * 1e3, 2) for n in names},
         "kv_mib": {n: round(runtime.kv_bytes(state[n]["cache"]) / 2**20, 1) for n in names},
-        "speed_vs_per_layer": {n: round(paired(n, "per layer"), 3) for n in names if n != "per layer"},
+        f"speed_vs_{vs}": {n: round(paired(plain, n, baseline), 3) for n in others},
     }
+    if args.ones:
+        result["same_tokens"] = bool(torch.equal(state["all-ones"]["next"], state[STOCK]["next"]))
     if args.head_by_head:
-        result["flat_vs_head_by_head"] = round(paired("per head", "per head, head by head"), 3)
+        result["flat_vs_head_by_head"] = round(paired(plain, "per head", "per head, head by head"), 3)
+    if args.prefills:
+        result["prefills"] = args.prefills
+        result["prefill_s_median"] = {n: round(statistics.median(prefills[n]), 3) for n in names}
+        # time / baseline's time, paired per round: above 1 is slower
+        result[f"prefill_time_vs_{vs}"] = {n: round(1 / paired(prefills, n, baseline), 3) for n in others}
     print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     print("| plain step ms, median | " + " | ".join(f"{result['plain_step_ms_median'][n]:.1f}" for n in names) + " |")
+    if args.prefills:
+        print("| prefill s, median | " + " | ".join(f"{result['prefill_s_median'][n]:.2f}" for n in names) + " |")
     print("| KV MiB at end | " + " | ".join(f"{result['kv_mib'][n]:.1f}" for n in names) + " |")
-    for n, r in result["speed_vs_per_layer"].items():
-        print(f"{n}: speed {r:.3f}x the per-layer schedule's (median of paired per-step ratios)")
+    for n, r in result[f"speed_vs_{vs}"].items():
+        print(f"{n}: decode speed {r:.3f}x {baseline}'s (median of paired per-step ratios)")
+    for n, r in result.get(f"prefill_time_vs_{vs}", {}).items():
+        print(f"{n}: prefill time {r:.3f}x {baseline}'s (median of paired ratios over {args.prefills} rounds)")
     if args.head_by_head:
         print(f"flat buffers: speed {result['flat_vs_head_by_head']:.3f}x head-by-head appends")
     if args.out:

@@ -206,3 +206,47 @@ def test_bench_against_a_second_schedule_in_the_same_run(tiny_model_dir, shared_
     assert main([*argv[:-1], str(wrong)]) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after the model's loading bar
     assert err.startswith(f"calibrate: error: --against {wrong}:") and "has 7 layer ratios but the model has 4" in err
+
+
+def test_throughput_runs_stock_and_the_schedule_each_at_its_own_largest_batch(llama, result):
+    """Each configuration runs at the batch it is given (its KV grows with the rows it holds), the ratios are of
+    the figures reported, and generation tokens/s counts the prefill too."""
+    asked = []
+
+    def prompts(rows):
+        asked.append(rows)
+        return prompt_batch(rows)
+
+    rows = {"stock_static": 2, "schedule": 5}
+    t = bench.throughput_at_largest(llama, prompts, tiny_schedule(), rows, new_tokens=NEW, repeats=2)
+    assert asked == [2, 5, 5, 2]  # the order reverses every other repeat
+    assert t["rows"] == rows
+    for name in bench.THROUGHPUT_CONFIGS:
+        per_row = result["configs"][name]["kv_bytes_end"] / result["batch"]
+        assert t["configs"][name]["kv_bytes_end"] == pytest.approx(per_row * rows[name], rel=0.05)
+        r = bench.RunStats(**t["configs"][name])
+        decode_s = rows[name] * r.decode_steps / r.decode_tokens_per_s
+        assert t["generation_tokens_per_s"][name] == pytest.approx(rows[name] * NEW / (r.prefill_s + decode_s))
+        assert t["generation_tokens_per_s"][name] < t["decode_tokens_per_s"][name]
+    dec = t["decode_tokens_per_s"]
+    assert t["decode_ratio"] == pytest.approx(dec["schedule"] / dec["stock_static"])
+    table = bench.format_throughput(t)
+    assert "| batch | 2 | 5 | 2.50x |" in table and "generation tokens/s (prefill included)" in table
+    with pytest.raises(ValueError, match="stock StaticCache fits no row"):
+        bench.throughput_at_largest(llama, prompts, tiny_schedule(), {"stock_static": 0, "schedule": 3})
+
+
+def test_bench_throughput_adds_the_largest_batch_runs(tiny_model_dir, shared_data, tmp_path, capsys):
+    from calibrate.cli import main
+
+    out = tmp_path / "bench.json"
+    text = shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+    argv = ["bench", "--model", str(tiny_model_dir), "--data", str(text), "--batch", "2", "--context", "128",
+            "--new-tokens", "5", "--repeats", "1", "--throughput", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    t = got["throughput"]
+    assert t["rows"] == {n: got["largest_batch"][n] for n in bench.THROUGHPUT_CONFIGS}
+    assert t["rows"]["schedule"] > t["rows"]["stock_static"] == 2
+    assert "| at the largest batch |" in printed

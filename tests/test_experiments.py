@@ -332,6 +332,24 @@ def test_interleaved_steps_times_every_cache_on_the_same_steps(tmp_path, capsys)
     assert RaggedLayer.flat  # the switch is restored
 
 
+def test_interleaved_steps_ones_against_stock_static_with_prefills(tmp_path, capsys):
+    """--ones: the all-ones schedule and stock StaticCache decode the same tokens; prefills are timed paired."""
+    from experiments import interleaved_steps
+
+    out = tmp_path / "i.json"
+    argv = ["--ones", "--prefills", "2", "--batch", "2", "--context", "160", "--steps", "6", "--out", str(out)]
+    assert interleaved_steps.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["plain_step_ms_median"]) == set(r["prefill_s_median"]) == {"all-ones", "stock StaticCache"}
+    assert r["same_tokens"] and set(r["speed_vs_stock_static"]) == set(r["prefill_time_vs_stock_static"]) == {
+        "all-ones"
+    }
+    printed = capsys.readouterr().out
+    assert "all-ones: prefill time" in printed and "prefill round 2/2" in printed
+    with pytest.raises(SystemExit):
+        interleaved_steps.main(["--ones", "--head-by-head"])
+
+
 def test_widest_splits_are_the_layers_whose_heads_differ_most():
     from experiments.head_points import widest_splits
 

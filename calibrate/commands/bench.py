@@ -16,6 +16,7 @@ examples:
   calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json \
       --against docs/per_layer_calibrated/smollm2-135m-instruct_b0.3.json   # per head against per layer
   calibrate bench --batch 4 --context 1024 --new-tokens 32 --out bench.json
+  calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json --throughput   # each at its largest batch
   calibrate bench --device cuda --dtype bfloat16 --kv-limit-mb 2048
 
 Four configurations (five with --against), each warmed before timing, run in turn (the order reverses every
@@ -30,7 +31,9 @@ run, are meant to be compared:
   --against schedule   a second schedule under runtime.apply, another baseline for the first
 Decode steps are timed one by one; trim steps (every decode.interval tokens after prefill, when the schedule
 re-scores and trims) are reported apart from plain steps. The largest batch is the KV-memory limit divided by
-the measured peak KV bytes per row (default limit: what stock DynamicCache needs at --batch).
+the measured peak KV bytes per row (default limit: what stock DynamicCache needs at --batch). --throughput then
+runs stock StaticCache and the schedule again, each at its own largest batch, and reports decode and generation
+(prefill included) tokens/s there: what a server with that much KV memory serves per second.
 """
 
 
@@ -58,6 +61,9 @@ def add_parser(subparsers):
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row, at least 2 (default 64)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--kv-limit-mb", type=float, help="KV memory limit for the largest-batch figure")
+    p.add_argument("--throughput", action="store_true",
+                   help="also run stock StaticCache and the schedule at their largest batches in the KV limit and "
+                        "compare tokens/s there (--repeats runs each)")  # fmt: skip
     p.add_argument("--data", nargs="+", help="text to cut prompts from (default: ../shared/data/gutenberg)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=run)
@@ -129,6 +135,16 @@ def run(args) -> int:
         prefill_mode=schedule.prefill_mode,
         kv_fraction=schedule.kv_fraction(args.context),
     )
+    if args.throughput:
+
+        def prompts(rows: int):
+            ids = data.cut_windows(stream, args.context, rows).to(model.device)
+            return ids, torch_ones(ids)
+
+        result["throughput"] = bench.throughput_at_largest(
+            model, prompts, schedule, result["largest_batch"], args.new_tokens, args.repeats,
+            progress=lambda msg: print("  " + msg, flush=True),
+        )  # fmt: skip
     if other is not None:
         result.update(against_name=other.name or args.against, against_prefill_mode=other.prefill_mode,
                       against_kv_fraction=other.kv_fraction(args.context))  # fmt: skip
