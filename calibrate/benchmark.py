@@ -376,20 +376,35 @@ def throughput_at_largest(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Stock `StaticCache` and the schedule, each run at its own largest batch (`rows`, e.g. `compare`'s
-    `largest_batch`: what fits the same KV limit), in turn, the order reversing every other repeat: decode tokens/s
+    `largest_batch`: what fits the same KV limit), warmed there once, then in turn, the order reversing every other
+    repeat: decode tokens/s
     and generation tokens/s (prefill included) there, medians over `repeats`, and the schedule's ratio to stock.
     `prompts(n)` gives `n` unpadded prompts and their mask. This is the paper's throughput metric: what a server
     with that much memory for KV serves per second."""
     for name in THROUGHPUT_CONFIGS:
         if rows.get(name, 0) < 1:
-            raise ValueError(f"{LABELS[name]} fits no row in the KV limit; raise the limit")
+            raise ValueError(f"{LABELS[name]} fits no row in the KV limit; raise the limit (bench --kv-limit-mb)")
+    inputs = {}
+    for name in THROUGHPUT_CONFIGS:
+        ids, mask = prompts(rows[name])
+        if ids.shape[0] != rows[name]:
+            raise ValueError(f"the prompts hold {ids.shape[0]} rows, not the {rows[name]} of {LABELS[name]}'s "
+                             "largest batch; give more text or shorter prompts")  # fmt: skip
+        inputs[name] = ids, mask
     runs: dict[str, list[RunStats]] = {name: [] for name in THROUGHPUT_CONFIGS}
+
+    def run(name: str, steps: int) -> RunStats:
+        return run_config(model, name, *inputs[name], steps, schedule if name == "schedule" else None)
+
+    for name in THROUGHPUT_CONFIGS:  # untimed, at this batch: the allocator's first growth to the new shapes
+        if progress:
+            progress(f"throughput warm-up: {LABELS[name]} at batch {rows[name]}")
+        run(name, min(new_tokens, max(WARM_STEPS, schedule.decode.interval) + 1 if name == "schedule" else 2))
     for i in range(repeats):
         for name in THROUGHPUT_CONFIGS if i % 2 == 0 else THROUGHPUT_CONFIGS[::-1]:
             if progress:
                 progress(f"throughput {i + 1}/{repeats}: {LABELS[name]} at batch {rows[name]}")
-            ids, mask = prompts(rows[name])
-            runs[name].append(run_config(model, name, ids, mask, new_tokens, schedule if name == "schedule" else None))
+            runs[name].append(run(name, new_tokens))
     med = {name: median_run(r) for name, r in runs.items()}
     decode = {name: r.decode_tokens_per_s for name, r in med.items()}
     generation = {name: generation_tokens_per_s(r, new_tokens, rows[name]) for name, r in med.items()}

@@ -34,8 +34,10 @@ def _eager(module, query, key, value, mask, is_causal=None, **kwargs):
 
 
 def _kernel_applies(step, parts, query, kwargs) -> bool:
-    """The one-launch kernel does what the per-head loop does only for a decode token that is not padding, over
-    heads whose sliding window (if any) still spans every slot, with no logit soft-capping or dropout."""
+    """The one-launch kernel does what the per-head loop does only for one decode token in a layer known to hold no
+    padding slots, over heads whose sliding window (if any) still spans every slot, with no logit soft-capping or
+    dropout. A decode token that is itself padding may run it (its padding is learnt at the next pass): that row's
+    output is never read, and its slot is masked from the next step on."""
     return (
         query.shape[2] == 1
         and not step.has_invalid

@@ -32,7 +32,7 @@ class LateFlag:
             self.host = host if host is not None else torch.empty((), dtype=torch.bool, pin_memory=True)
             self.host.copy_(flag, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(flag.device))  # the flag's device, not the current one
         else:
             self.host = flag
 
@@ -96,6 +96,7 @@ class PyramidCache(Cache):
         """Called once per forward pass, before the first layer."""
         prefill = self.seen_slots == 0
         q = q_pos.shape[1]
+        last = self.late_invalid  # its pinned buffer is free once read: the next flag reuses it
         self.learn_validity()
         if prefill or q > 1 or not self.defer_validity:
             has_invalid = bool((~q_valid).any())  # one host sync per prompt or chunk, never per layer
@@ -104,7 +105,7 @@ class PyramidCache(Cache):
             # pass (a padding query sees every slot, as with no mask at all, and its own output is never read),
             # only the masks of later passes, so the layers learn it at the next pass or trim (`learn_validity`)
             has_invalid = False
-            host = self.late_invalid.host if self.late_invalid is not None else None
+            host = last.host if last is not None and last.event is not None else None
             self.late_invalid = LateFlag((~q_valid).any(), host if q_valid.is_cuda else None)
         self.step = Step(
             q_pos=q_pos,

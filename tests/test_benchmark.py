@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -208,25 +209,39 @@ def test_bench_against_a_second_schedule_in_the_same_run(tiny_model_dir, shared_
     assert err.startswith(f"calibrate: error: --against {wrong}:") and "has 7 layer ratios but the model has 4" in err
 
 
-def test_throughput_runs_stock_and_the_schedule_each_at_its_own_largest_batch(llama, result):
+def test_throughput_runs_stock_and_the_schedule_each_at_its_own_largest_batch(llama, result, monkeypatch):
     """Each configuration runs at the batch it is given (its KV grows with the rows it holds), the ratios are of
     the figures reported, and generation tokens/s counts the prefill too."""
-    asked = []
+    asked, walls = [], []
+    run_config = bench.run_config
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        out = run_config(*args, **kwargs)
+        walls.append(time.perf_counter() - started)
+        return out
+
+    monkeypatch.setattr(bench, "run_config", timed)
 
     def prompts(rows):
         asked.append(rows)
         return prompt_batch(rows)
 
     rows = {"stock_static": 2, "schedule": 5}
-    t = bench.throughput_at_largest(llama, prompts, tiny_schedule(), rows, new_tokens=NEW, repeats=2)
-    assert asked == [2, 5, 5, 2]  # the order reverses every other repeat
+    t = bench.throughput_at_largest(llama, prompts, tiny_schedule(), rows, new_tokens=NEW, repeats=1)
+    assert asked == [2, 5] and len(walls) == 4  # a warm-up each, then the timed runs
+    for name, wall in zip(bench.THROUGHPUT_CONFIGS, walls[2:], strict=True):
+        # the time the figure implies is the timed run's prefill plus its steps (from the step means), within the
+        # run's wall time
+        r = bench.RunStats(**t["configs"][name])
+        plain = r.decode_steps - r.trim_steps
+        steps_s = (r.plain_step_ms_mean * plain + (r.trim_step_ms_mean or 0.0) * r.trim_steps) / 1e3
+        implied = rows[name] * NEW / t["generation_tokens_per_s"][name]
+        assert implied == pytest.approx(r.prefill_s + steps_s, rel=1e-6) and implied <= wall
     assert t["rows"] == rows
     for name in bench.THROUGHPUT_CONFIGS:
         per_row = result["configs"][name]["kv_bytes_end"] / result["batch"]
         assert t["configs"][name]["kv_bytes_end"] == pytest.approx(per_row * rows[name], rel=0.05)
-        r = bench.RunStats(**t["configs"][name])
-        decode_s = rows[name] * r.decode_steps / r.decode_tokens_per_s
-        assert t["generation_tokens_per_s"][name] == pytest.approx(rows[name] * NEW / (r.prefill_s + decode_s))
         assert t["generation_tokens_per_s"][name] < t["decode_tokens_per_s"][name]
     dec = t["decode_tokens_per_s"]
     assert t["decode_ratio"] == pytest.approx(dec["schedule"] / dec["stock_static"])
@@ -234,6 +249,8 @@ def test_throughput_runs_stock_and_the_schedule_each_at_its_own_largest_batch(ll
     assert "| batch | 2 | 5 | 2.50x |" in table and "generation tokens/s (prefill included)" in table
     with pytest.raises(ValueError, match="stock StaticCache fits no row"):
         bench.throughput_at_largest(llama, prompts, tiny_schedule(), {"stock_static": 0, "schedule": 3})
+    with pytest.raises(ValueError, match="the prompts hold 4 rows, not the 5 of schedule's largest batch"):
+        bench.throughput_at_largest(llama, lambda n: prompt_batch(min(n, 4)), tiny_schedule(), rows)
 
 
 def test_bench_throughput_adds_the_largest_batch_runs(tiny_model_dir, shared_data, tmp_path, capsys):

@@ -46,7 +46,12 @@ def test_forks_that_append_into_the_reserved_room_equal_forks_that_copy(family, 
     after the other they give exactly the scores of forks that copy, and the full caches keep their own slots."""
     model = tiny_model(family, kv_heads=2)
     ev = Evaluator(model, examples(), query_window=16, sinks=2, batch_size=2)
-    before = [[(k.keys.clone(), k.positions.clone()) for k in runtime.inspect.kept(c, 0)] for c in ev.caches]
+
+    def contents(cache):
+        return [(k.keys.clone(), k.values.clone(), k.positions.clone()) for i in range(ev.layers)
+                for k in runtime.inspect.kept(cache, i)]  # fmt: skip
+
+    before = [contents(c) for c in ev.caches]
     base = Schedule(ratios=[1.0] * ev.layers, window=8, sinks=2)
     ratios = [0.3 if c else 1.0 for c, _ in runtime.families.layer_plan(model)]
     scheds = [
@@ -56,7 +61,7 @@ def test_forks_that_append_into_the_reserved_room_equal_forks_that_copy(family, 
         (one_part_compressed(base, 2, 0, 0.2, None), 2),
     ]
     results = {}
-    for into_room in (True, False):
+    for into_room in (False, True):  # copying first: forks into room that damaged the full caches would show
         monkeypatch.setattr(Evaluator, "into_room", into_room)
         results[into_room] = [ev.rows(s, from_layer=f) for s, f in scheds for _ in range(2)]  # each twice
     for a_rows, b_rows in zip(results[True], results[False], strict=True):
@@ -65,8 +70,8 @@ def test_forks_that_append_into_the_reserved_room_equal_forks_that_copy(family, 
             torch.testing.assert_close(a.nll, b.nll, rtol=0, atol=0)
     assert sum(float(r.kl.sum()) for r in results[True][2]) > 0
     for cache, kept in zip(ev.caches, before, strict=True):
-        for k, (keys, pos) in zip(runtime.inspect.kept(cache, 0), kept, strict=True):
-            assert torch.equal(k.keys, keys) and torch.equal(k.positions, pos)
+        for now, then in zip(contents(cache), kept, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(now, then, strict=True))
 
 
 def test_a_fork_into_room_writes_the_room_and_not_the_source_slots():
@@ -80,7 +85,7 @@ def test_a_fork_into_room_writes_the_room_and_not_the_source_slots():
         src.reserve(8)
         (held,) = runtime.inspect.kept(src, 0)
         keys = held.keys.clone()
-        for into_room in (True, False):
+        for into_room in (False, True):  # copying first: forks into room that damaged the full caches would show
             fork = src.fork(ones, into_room=into_room)
             model(ids[:, :5], cache=fork)
             (mine,) = runtime.inspect.kept(fork, 0)

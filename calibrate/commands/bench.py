@@ -139,6 +139,9 @@ def run(args) -> int:
 
         def prompts(rows: int):
             ids = data.cut_windows(stream, args.context, rows).to(model.device)
+            if ids.shape[0] < rows:
+                raise ScheduleError(f"--throughput: the text holds {ids.shape[0]} prompts of --context {args.context} "
+                                    f"tokens, not the {rows} of a largest batch; give more --data")  # fmt: skip
             return ids, torch_ones(ids)
 
         result["throughput"] = bench.throughput_at_largest(
