@@ -55,6 +55,13 @@ AGAINST = {
 WARM_STEPS = 3  # untimed decode steps after the warm-up prefill (the schedule also runs to its first trim)
 
 
+def warm_steps(schedule: Schedule | None, new_tokens: int) -> int:
+    """Tokens of an untimed warm-up run: a few decode steps, and with a schedule through its first trim (a trim
+    allocates what plain steps do not), never more than the timed runs generate."""
+    steps = WARM_STEPS if schedule is None else max(WARM_STEPS, schedule.decode.interval)
+    return min(new_tokens, steps + 1)
+
+
 @dataclass
 class RunStats:
     prefill_s: float
@@ -318,10 +325,9 @@ def compare(
     # warm-up, untimed: first calls pay for lazy init and the allocator learns the shapes; the schedule runs
     # through its first trim when the timed runs will have one
     for name in configs:
-        warm = WARM_STEPS + 1 if name not in schedules else max(WARM_STEPS, schedules[name].decode.interval) + 1
         if progress:
             progress(f"warm-up: {LABELS[name]}")
-        run(name, min(new_tokens, warm))
+        run(name, warm_steps(schedules.get(name), new_tokens))
     runs: dict[str, list[RunStats]] = {name: [] for name in configs}
     for i in range(repeats):
         # the order reverses every other repeat: a run inherits the allocator state the previous one left (a
@@ -377,10 +383,9 @@ def throughput_at_largest(
 ) -> dict:
     """Stock `StaticCache` and the schedule, each run at its own largest batch (`rows`, e.g. `compare`'s
     `largest_batch`: what fits the same KV limit), warmed there once, then in turn, the order reversing every other
-    repeat: decode tokens/s
-    and generation tokens/s (prefill included) there, medians over `repeats`, and the schedule's ratio to stock.
-    `prompts(n)` gives `n` unpadded prompts and their mask. This is the paper's throughput metric: what a server
-    with that much memory for KV serves per second."""
+    repeat: decode tokens/s and generation tokens/s (prefill included) there, medians over `repeats`, and the
+    schedule's ratio to stock. `prompts(n)` gives `n` unpadded prompts and their mask. This is the paper's
+    throughput metric: what a server with that much memory for KV serves per second."""
     for name in THROUGHPUT_CONFIGS:
         if rows.get(name, 0) < 1:
             raise ValueError(f"{LABELS[name]} fits no row in the KV limit; raise the limit (bench --kv-limit-mb)")
@@ -389,7 +394,7 @@ def throughput_at_largest(
         ids, mask = prompts(rows[name])
         if ids.shape[0] != rows[name]:
             raise ValueError(f"the prompts hold {ids.shape[0]} rows, not the {rows[name]} of {LABELS[name]}'s "
-                             "largest batch; give more text or shorter prompts")  # fmt: skip
+                             "largest batch; give more text (bench --data) or shorter prompts (--context)")  # fmt: skip
         inputs[name] = ids, mask
     runs: dict[str, list[RunStats]] = {name: [] for name in THROUGHPUT_CONFIGS}
 
@@ -399,7 +404,7 @@ def throughput_at_largest(
     for name in THROUGHPUT_CONFIGS:  # untimed, at this batch: the allocator's first growth to the new shapes
         if progress:
             progress(f"throughput warm-up: {LABELS[name]} at batch {rows[name]}")
-        run(name, min(new_tokens, max(WARM_STEPS, schedule.decode.interval) + 1 if name == "schedule" else 2))
+        run(name, warm_steps(schedule if name == "schedule" else None, new_tokens))
     for i in range(repeats):
         for name in THROUGHPUT_CONFIGS if i % 2 == 0 else THROUGHPUT_CONFIGS[::-1]:
             if progress:

@@ -267,3 +267,20 @@ def test_bench_throughput_adds_the_largest_batch_runs(tiny_model_dir, shared_dat
     assert t["rows"] == {n: got["largest_batch"][n] for n in bench.THROUGHPUT_CONFIGS}
     assert t["rows"]["schedule"] > t["rows"]["stock_static"] == 2
     assert "| at the largest batch |" in printed
+
+
+def test_bench_throughput_with_too_little_text_names_the_flags_and_writes_nothing(
+    tiny_model_dir, shared_data, tmp_path, capsys
+):
+    from calibrate.cli import main
+
+    book = (shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt").read_text(encoding="utf-8")
+    short = tmp_path / "short.txt"
+    short.write_text(book[20000:21300], encoding="utf-8")  # two windows of 128 tokens: batch 2, no more
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tiny_model_dir), "--data", str(short), "--batch", "2", "--context", "128",
+            "--new-tokens", "5", "--repeats", "1", "--throughput", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("calibrate: error: --throughput: the prompts hold ") and "of schedule's largest batch" in err
+    assert "--data" in err and "--context" in err and not out.exists()

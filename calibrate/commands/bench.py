@@ -139,15 +139,15 @@ def run(args) -> int:
 
         def prompts(rows: int):
             ids = data.cut_windows(stream, args.context, rows).to(model.device)
-            if ids.shape[0] < rows:
-                raise ScheduleError(f"--throughput: the text holds {ids.shape[0]} prompts of --context {args.context} "
-                                    f"tokens, not the {rows} of a largest batch; give more --data")  # fmt: skip
             return ids, torch_ones(ids)
 
-        result["throughput"] = bench.throughput_at_largest(
-            model, prompts, schedule, result["largest_batch"], args.new_tokens, args.repeats,
-            progress=lambda msg: print("  " + msg, flush=True),
-        )  # fmt: skip
+        try:
+            result["throughput"] = bench.throughput_at_largest(
+                model, prompts, schedule, result["largest_batch"], args.new_tokens, args.repeats,
+                progress=lambda msg: print("  " + msg, flush=True),
+            )  # fmt: skip
+        except ValueError as e:  # what the user can change: the text, the prompt length, the KV limit
+            raise ScheduleError(f"--throughput: {e}") from None
     if other is not None:
         result.update(against_name=other.name or args.against, against_prefill_mode=other.prefill_mode,
                       against_kv_fraction=other.kv_fraction(args.context))  # fmt: skip
