@@ -311,7 +311,7 @@ def test_bad_inputs_give_one_line_errors(extra, message, capsys):
 
 
 def test_a_schedule_for_another_model_fails_before_any_baseline(tiny_model_dir: Path, repo_root: Path,
-                                                               tmp_path: Path, capsys):  # fmt: skip
+                                                               shared_data: Path, tmp_path: Path, capsys):  # fmt: skip
     out = tmp_path / "eval"
     gemma = repo_root / "schedules" / "gemma3-270m_b0.3.json"
     args = ["eval", "--model", str(tiny_model_dir), "--out-dir", str(out), "--tasks", "lm", "--lm-context", "128",

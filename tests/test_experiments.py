@@ -209,7 +209,7 @@ def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     assert "| decode tok/s |" in capsys.readouterr().out
 
 
-def test_stagger_steps_compares_aligned_and_staggered_trims(tmp_path, capsys):
+def test_stagger_steps_compares_aligned_and_staggered_trims(shared_data, tmp_path, capsys):
     """Both settings run the same steps; aligned, only step 32 trims; staggered, most steps trim some layer."""
     from experiments import stagger_steps
 
@@ -222,7 +222,7 @@ def test_stagger_steps_compares_aligned_and_staggered_trims(tmp_path, capsys):
     assert "| slowest step ms |" in capsys.readouterr().out
 
 
-def test_dtype_noise_measures_each_unit_in_both_dtypes(tmp_path, capsys):
+def test_dtype_noise_measures_each_unit_in_both_dtypes(shared_data, tmp_path, capsys):
     from experiments import dtype_noise
 
     out = tmp_path / "d.json"
@@ -315,7 +315,7 @@ def test_batched_curves_times_every_batch_size(tiny_model_dir, tmp_path, capsys)
     assert "| rows per forward |" in capsys.readouterr().out
 
 
-def test_interleaved_steps_times_every_cache_on_the_same_steps(tmp_path, capsys):
+def test_interleaved_steps_times_every_cache_on_the_same_steps(shared_data, tmp_path, capsys):
     """Every configuration decodes every step; the kept KV matches between the per-head schedule's two storages."""
     from experiments import interleaved_steps
 
@@ -332,7 +332,7 @@ def test_interleaved_steps_times_every_cache_on_the_same_steps(tmp_path, capsys)
     assert RaggedLayer.flat  # the switch is restored
 
 
-def test_interleaved_steps_ones_against_stock_static_with_prefills(tmp_path, capsys):
+def test_interleaved_steps_ones_against_stock_static_with_prefills(shared_data, tmp_path, capsys):
     """--ones: the all-ones schedule and stock StaticCache decode the same tokens; prefills are timed paired."""
     from experiments import interleaved_steps
 
