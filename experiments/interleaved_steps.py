@@ -3,7 +3,9 @@ schedule of the same KV, and (with `--head-by-head`) split layers appending head
 buffers; with `--ones`, the all-ones schedule against stock `StaticCache` instead (the runtime's own overhead). A
 step of each runs back to back, the order reversing every step, so a slow stretch of a noisy machine slows them
 alike; the paired per-step ratio is what is compared. `--prefills N` also times N prefills of each, interleaved
-the same way (after one untimed round), and compares them paired.
+the same way (after one untimed round), and compares them paired. Each run's minor page faults are counted
+beside its time: on CPU a run that follows another can pay for the pages glibc gave back to the system
+(`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` keep them; the result records the MALLOC_ settings).
 
     python -m experiments.interleaved_steps [--heads schedules/smollm2-135m-instruct_b0.3.json] \\
         [--layers docs/per_layer_calibrated/smollm2-135m-instruct_b0.3.json] [--steps 128] [--head-by-head] \\
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import resource
 import statistics
 import time
 
@@ -62,16 +66,22 @@ def running(model, config: tuple):
         yield
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far: pages it touched for the first time since the system gave them."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def prefill(model, config: tuple, ids: torch.Tensor, steps: int):
-    """(cache, next token, seconds) of one prefill under `config`; stock gets a StaticCache with room for `steps`."""
+    """(cache, next token, seconds, minor page faults) of one prefill under `config`; stock gets a StaticCache with
+    room for `steps`."""
     from transformers import StaticCache
 
     cache = None if config[0] is not None else StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
     with running(model, config), torch.inference_mode():
-        t = time.perf_counter()
+        faults, t = minor_faults(), time.perf_counter()
         out = model(ids, cache=cache, logits_to_keep=1)
-        seconds = time.perf_counter() - t
-    return out.past_key_values, out.logits[:, -1:].argmax(-1), seconds
+        seconds, faults = time.perf_counter() - t, minor_faults() - faults
+    return out.past_key_values, out.logits[:, -1:].argmax(-1), seconds, faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,24 +116,27 @@ def main(argv: list[str] | None = None) -> int:
             paths["per head, head by head"] = args.heads
     names = list(configs)
     prefills: dict[str, list[float]] = {n: [] for n in names}
+    prefill_faults: dict[str, list[int]] = {n: [] for n in names}
     for r in range(args.prefills + 1 if args.prefills else 0):  # round 0 untimed: first calls pay lazy init
         for name in names if r % 2 == 0 else names[::-1]:
-            seconds = prefill(model, configs[name], ids, args.steps)[2]
+            seconds, faults = prefill(model, configs[name], ids, args.steps)[2:]
             if r:
                 prefills[name].append(seconds)
+                prefill_faults[name].append(faults)
         print(f"prefill round {r}/{args.prefills}", flush=True)
     state = {}
     for name in names:
-        cache, nxt, _ = prefill(model, configs[name], ids, args.steps)
-        state[name] = {"cache": cache, "next": nxt, "times": []}
+        cache, nxt = prefill(model, configs[name], ids, args.steps)[:2]
+        state[name] = {"cache": cache, "next": nxt, "times": [], "faults": 0}
         print(f"prefilled {name} ({paths[name] or 'stock'})", flush=True)
     for step in range(args.steps):
         for name in names if step % 2 == 0 else names[::-1]:
             s = state[name]
             with running(model, configs[name]), torch.inference_mode():
-                t = time.perf_counter()
+                faults, t = minor_faults(), time.perf_counter()
                 out = model(s["next"], cache=s["cache"], logits_to_keep=1)
                 s["times"].append(time.perf_counter() - t)
+                s["faults"] += minor_faults() - faults
             s["next"] = out.logits[:, -1:].argmax(-1)
     interval = next(c[0] for c in configs.values() if c[0] is not None).decode.interval
     plain = {n: [t for i, t in enumerate(state[n]["times"]) if (i + 1) % interval != 0] for n in names}
@@ -141,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "configs": paths,
         "plain_step_ms_median": {n: round(statistics.median(plain[n]) * 1e3, 2) for n in names},
         "kv_mib": {n: round(runtime.kv_bytes(state[n]["cache"]) / 2**20, 1) for n in names},
+        "decode_minor_faults_per_step": {n: round(state[n]["faults"] / args.steps, 1) for n in names},
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         f"speed_vs_{vs}": {n: round(paired(plain, n, baseline), 3) for n in others},
     }
     if args.ones:
@@ -150,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefills:
         result["prefills"] = args.prefills
         result["prefill_s_median"] = {n: round(statistics.median(prefills[n]), 3) for n in names}
+        result["prefill_minor_faults_median"] = {n: statistics.median(prefill_faults[n]) for n in names}
         # median of (time / baseline's time) over the rounds: above 1 is slower
         result[f"prefill_time_vs_{vs}"] = {n: round(paired(prefills, baseline, n), 3) for n in others}
     print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     print("| plain step ms, median | " + " | ".join(f"{result['plain_step_ms_median'][n]:.1f}" for n in names) + " |")
     if args.prefills:
         print("| prefill s, median | " + " | ".join(f"{result['prefill_s_median'][n]:.2f}" for n in names) + " |")
+        faults = result["prefill_minor_faults_median"]
+        print("| prefill minor page faults, median | " + " | ".join(f"{faults[n]:.0f}" for n in names) + " |")
+    faults = result["decode_minor_faults_per_step"]
+    print("| decode minor page faults per step | " + " | ".join(f"{faults[n]:.1f}" for n in names) + " |")
     print("| KV MiB at end | " + " | ".join(f"{result['kv_mib'][n]:.1f}" for n in names) + " |")
     for n, r in result[f"speed_vs_{vs}"].items():
         print(f"{n}: decode speed {r:.3f}x {baseline}'s (median of paired per-step ratios)")

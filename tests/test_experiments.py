@@ -344,8 +344,12 @@ def test_interleaved_steps_ones_against_stock_static_with_prefills(shared_data, 
     assert r["same_tokens"] and set(r["speed_vs_stock_static"]) == set(r["prefill_time_vs_stock_static"]) == {
         "all-ones"
     }
+    for key in ("prefill_minor_faults_median", "decode_minor_faults_per_step"):
+        assert set(r[key]) == {"all-ones", "stock StaticCache"} and all(f >= 0 for f in r[key].values())
+    assert all(k.startswith("MALLOC_") for k in r["malloc_env"])
     printed = capsys.readouterr().out
     assert "all-ones: prefill time" in printed and "prefill round 2/2" in printed
+    assert "| prefill minor page faults, median |" in printed
     with pytest.raises(SystemExit):
         interleaved_steps.main(["--ones", "--head-by-head"])
 
@@ -358,3 +362,12 @@ def test_widest_splits_are_the_layers_whose_heads_differ_most():
     layers = heads.sum(2)
     assert widest_splits(heads, layers, 2) == [1, 2]
     assert widest_splits(heads, layers, 0) == []
+
+
+def test_minor_faults_count_pages_touched_for_the_first_time():
+    from experiments.interleaved_steps import minor_faults
+
+    before = minor_faults()
+    fresh = torch.empty(64 * 2**20, dtype=torch.uint8)  # above glibc's mmap threshold: new pages from the system
+    fresh.fill_(1)
+    assert minor_faults() > before and int(fresh[-1]) == 1
