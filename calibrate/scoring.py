@@ -215,7 +215,7 @@ class Evaluator:
             for i, idx in enumerate(self.batches):
                 ctx = torch.stack([self.examples[j].context for j in idx]).to(device)
                 out = model(ctx, logits_to_keep=1)
-                cache = out.past_key_values
+                cache = runtime.cache_of(out)
                 # room for the continuation: every candidate's fork appends there instead of copying the
                 # prompt's slots of each layer it does not trim (one copy now instead of one per candidate)
                 positions = self.positions[i]

@@ -18,6 +18,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+import runtime
 from calibrate.models import load_model
 from runtime.schedule import write_atomic
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = torch.randint(0, vocab, (ROWS, args.context), generator=g)
     cont = torch.randint(0, vocab, (ROWS, args.continuation), generator=g)
     with torch.inference_mode():
-        prompt = model(ctx, use_cache=True).past_key_values
+        prompt = runtime.cache_of(model(ctx, use_cache=True))
         times: dict[int, list[float]] = {f: [] for f in factors}
         for _ in range(args.repeats):
             for f in factors:  # alternating, so drifts of the machine hit every size alike

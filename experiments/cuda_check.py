@@ -64,7 +64,7 @@ def greedy(model, ids, mask, new_tokens: int, cache=None) -> tuple[torch.Tensor,
     """Greedy tokens [B, new_tokens], the first step's logits [B, V] and the cache after prefill's trim."""
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-    first, cache = out.logits[:, -1].float(), out.past_key_values
+    first, cache = out.logits[:, -1].float(), runtime.cache_of(out)
     kept = []  # per layer, or per KV head where shares differ; nothing for a stock cache
     if isinstance(cache, runtime.PyramidCache):
         for i in range(len(cache.layers)):

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+import runtime
 from calibrate import data
 from calibrate.commands.bench import default_text
 from calibrate.models import load_model
@@ -56,8 +57,6 @@ STOCK = "stock StaticCache"
 @contextlib.contextmanager
 def running(model, config: tuple):
     """Inside: calls of `model` run as `config` (schedule or None for stock, head by head or not) says."""
-    import runtime
-
     sched, hbh = config
     if sched is None:
         yield
@@ -81,7 +80,7 @@ def prefill(model, config: tuple, ids: torch.Tensor, steps: int):
         faults, t = minor_faults(), time.perf_counter()
         out = model(ids, cache=cache, logits_to_keep=1)
         seconds, faults = time.perf_counter() - t, minor_faults() - faults
-    return out.past_key_values, out.logits[:, -1:].argmax(-1), seconds, faults
+    return runtime.cache_of(out), out.logits[:, -1:].argmax(-1), seconds, faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.ones and args.head_by_head:
         p.error("--ones compares the all-ones schedule with stock; --head-by-head needs the per-head schedule")
     check_out(args.out)
-    import runtime
     from calibrate.schedule_spec import resolve_schedule
 
     model, tok = load_model(None, "float32", "cpu")

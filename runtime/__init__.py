@@ -4,7 +4,7 @@
     schedule = runtime.load_schedule("schedules/smollm2-135m-instruct_b0.3.json")
     with runtime.apply(model, schedule):
         out = model.generate(**batch, max_new_tokens=64, return_dict_in_generate=True)
-    runtime.kv_bytes(out.past_key_values)
+    runtime.kv_bytes(runtime.cache_of(out))
 
 This package must stay lean: it never imports calibrate, optuna, datasets or scipy. The names that need torch
 and transformers load on first use, so reading a schedule stays fast.
@@ -16,6 +16,7 @@ from .schedule import Decode, ModelInfo, Schedule, ScheduleError, Selection, loa
 
 _LAZY = {
     "apply": "integration",
+    "cache_of": "integration",
     "new_cache": "integration",
     "PyramidCache": "cache",
     "cache_bytes": "cache",

@@ -285,7 +285,7 @@ def _expect_cache(cache: object, caller: str) -> None:
     if not isinstance(cache, Cache):
         raise TypeError(
             f"runtime.{caller}: expected a transformers Cache (such as a PyramidCache), got {describe(cache)}; pass "
-            "out.past_key_values from model.generate(..., return_dict_in_generate=True) or from a model(...) call"
+            "runtime.cache_of(out) of model.generate(..., return_dict_in_generate=True) or of a model(...) call"
         )
 
 

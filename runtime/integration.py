@@ -19,6 +19,17 @@ from .schedule import Schedule, describe, load_schedule
 _IMPLEMENTATIONS = {"sdpa": attention.SDPA, "eager": attention.EAGER}
 
 
+def cache_of(out) -> PyramidCache | None:
+    """The cache in a model call's or `generate(..., return_dict_in_generate=True)`'s output: transformers 5.2x
+    name it `cache` (reading the older `past_key_values` there logs a deprecation warning), earlier 5.x releases
+    `past_key_values`. None when the call kept no cache."""
+    keys = out.keys()
+    for name in ("cache", "past_key_values"):
+        if name in keys:
+            return out[name]
+    return None
+
+
 def new_cache(model: nn.Module, schedule: Schedule) -> PyramidCache:
     return PyramidCache(schedule, layer_plan(model))
 

@@ -444,3 +444,20 @@ def test_a_plain_decode_step_reads_nothing_back_from_the_device(monkeypatch):
     finally:
         runtime.PyramidCache.defer_validity = True
     assert reads == ["__bool__"]
+
+
+def test_cache_of_reads_the_cache_of_a_call_and_of_generate_without_the_deprecated_name(monkeypatch):
+    from transformers.utils import generic
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
+    model = tiny_model("llama")
+    ids = prompts(lengths=(40,))[0]
+    with runtime.apply(model, schedule_for(model)), torch.inference_mode():
+        cache = runtime.cache_of(model(ids))
+        gen = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+    assert isinstance(cache, runtime.PyramidCache) and isinstance(runtime.cache_of(gen), runtime.PyramidCache)
+    assert runtime.kv_bytes(cache) > 0
+    with torch.inference_mode():
+        assert runtime.cache_of(model(ids, use_cache=False)) is None
+    assert not [m for m in warned if "deprecated" in m]

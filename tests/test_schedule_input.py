@@ -252,7 +252,7 @@ def test_byte_counts_reject_what_is_no_cache(fn: str, bad, shown: str):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"runtime.{fn}: expected a transformers Cache")
-    assert f"got {shown}" in message and "out.past_key_values" in message
+    assert f"got {shown}" in message and "runtime.cache_of(out)" in message
 
 
 def test_byte_counts_of_an_empty_cache():
