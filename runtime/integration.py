@@ -20,9 +20,9 @@ _IMPLEMENTATIONS = {"sdpa": attention.SDPA, "eager": attention.EAGER}
 
 
 def cache_of(out) -> PyramidCache | None:
-    """The cache in a model call's or `generate(..., return_dict_in_generate=True)`'s output: transformers 5.2x
-    name it `cache` (reading the older `past_key_values` there logs a deprecation warning), earlier 5.x releases
-    `past_key_values`. None when the call kept no cache."""
+    """The cache in a model call's or `generate(..., return_dict_in_generate=True)`'s output, under either name a
+    transformers release gives it: `cache` (5.25, where reading the older `past_key_values` logs a deprecation
+    warning) or `past_key_values`. None when the call kept no cache."""
     keys = out.keys()
     for name in ("cache", "past_key_values"):
         if name in keys:
