@@ -135,7 +135,10 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     head_work = 0.0
     if settings.per_head and kv_heads > 1:
         fisher = settings.head_curves == "fisher"
-        head_work = FISHER_COST if fisher else kv_heads * len(settings.head_points) / len(profile.GRID)
+        if fisher:  # the samples are most of its work
+            head_work = FISHER_COST * settings.fisher_samples / profile.SAMPLES
+        else:
+            head_work = kv_heads * len(settings.head_points) / len(profile.GRID)
     report = _estimate(progress, partial, total, sum(compressible), head_work)
 
     prof = profile.measure(
@@ -145,6 +148,7 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         per_head=settings.per_head,
         head_points=settings.head_points,
         head_curves=settings.head_curves,
+        fisher_samples=settings.fisher_samples,
         sinks=settings.sinks,
         window=settings.window,
         progress=report,

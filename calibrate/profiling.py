@@ -348,6 +348,7 @@ def measure(
     checkpoint: Checkpoint | None = None,
     head_points: Sequence[float] | None = None,
     head_curves: str = "measured",
+    fisher_samples: int = SAMPLES,
 ) -> Profile:
     """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
     sensitivity curves.
@@ -376,8 +377,10 @@ def measure(
     points = check_points(head_points, grid) if head_points is not None else list(range(len(grid)))
     head_meta: dict[str, Any] = {}
     if per_head and kv_heads > 1 and head_curves == "fisher":
-        head_parts = fisher_head_kl(evaluators, base, compressible, grid, kv_heads, parts, progress, checkpoint)
-        head_meta = {"head_curves": {"method": "fisher", "samples": SAMPLES}}
+        head_parts = fisher_head_kl(
+            evaluators, base, compressible, grid, kv_heads, parts, progress, checkpoint, fisher_samples
+        )
+        head_meta = {"head_curves": {"method": "fisher", "samples": fisher_samples}}
     elif per_head and kv_heads > 1:
         measured = single_layer_kl(
             evaluators, base, compressible, [grid[g] for g in points], progress, heads=kv_heads, checkpoint=checkpoint
@@ -414,13 +417,15 @@ def fisher_head_kl(
     parts: torch.Tensor,
     progress: Callable[[str, int, int], None] | None = None,
     checkpoint: Checkpoint | None = None,
+    samples: int = SAMPLES,
 ) -> torch.Tensor:
     """[K, L, H, G]: the measured layer curves `parts` [K, L, G] split over each layer's heads by the Fisher
-    estimate; the estimate ([K, L, H + 1, G], the whole layer's last) is one checkpoint entry."""
+    estimate from `samples` gradient samples per batch; the estimate ([K, L, H + 1, G], the whole layer's last) is
+    one checkpoint entry."""
     saved = checkpoint.get(FISHER_CURVES) if checkpoint else None
     if saved is None or saved.shape != (len(evaluators), len(compressible), heads + 1, len(grid)):
         layers = [i for i, c in enumerate(compressible) if c]
-        per_head, per_layer = fisher_kl(evaluators, base, layers, grid, heads, progress=progress)
+        per_head, per_layer = fisher_kl(evaluators, base, layers, grid, heads, samples=samples, progress=progress)
         saved = torch.cat([per_head, per_layer[:, :, None]], 2)
         if checkpoint:
             checkpoint.put({FISHER_CURVES: saved})

@@ -16,6 +16,10 @@ from .errors import CalibrateError
 from .head_fisher import SAMPLES as FISHER_SAMPLES
 from .profiling import GRID
 
+# the quick preset's gradient samples per batch: half the default's, the preset's time goal (calibrate run --quick
+# <= 90 s on 2 cores); what it costs in held-out KL is in docs/method.md
+QUICK_FISHER_SAMPLES = 24
+
 
 @dataclass
 class Settings:
@@ -41,6 +45,7 @@ class Settings:
     # "measured": a forward per head and grid ratio; "fisher": the measured layer curve split over its heads by
     # a second-order estimate (`calibrate.head_fisher`), a few backward passes per window (docs/method.md)
     head_curves: str = "measured"
+    fisher_samples: int = FISHER_SAMPLES  # gradient samples per batch of the "fisher" estimate (quick: fewer)
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None  # accelerate's placement for a model larger than one device (not part of the key)
@@ -55,6 +60,7 @@ class Settings:
         # one after the other), unless they are to be measured at chosen points or skipped
         if kw.get("head_points") is None and kw.get("per_head", True):
             base["head_curves"] = "fisher"
+            base["fisher_samples"] = QUICK_FISHER_SAMPLES
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -64,8 +70,8 @@ class Settings:
             del out["head_points"]
         if out["head_curves"] == "measured":  # as every profile before the option: same key
             del out["head_curves"]
-        else:
-            out["fisher_samples"] = FISHER_SAMPLES  # another sample count is another profile
+            del out["fisher_samples"]  # no gradient samples drawn
+        # else fisher_samples stays: another sample count is another profile (48, as before the field: same key)
         return out
 
     def key(self) -> str:
@@ -91,6 +97,7 @@ def from_args(args) -> Settings:
         per_head=not args.no_per_head,
         head_points=head_points_from_arg(getattr(args, "head_points", None)),
         head_curves=getattr(args, "head_curves", None),
+        fisher_samples=getattr(args, "fisher_samples", None),
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
@@ -103,11 +110,18 @@ def from_args(args) -> Settings:
         raise CalibrateError(
             "--head-points says where to measure per-head curves, --head-curves fisher measures none; give one"
         )
+    if kw["fisher_samples"] is not None and kw["fisher_samples"] < 1:
+        raise CalibrateError(f"--fisher-samples {kw['fisher_samples']}: the estimate needs at least 1 sample")
     for name in ("calib_windows", "valid_windows"):
         if kw[name] is not None and kw[name] < 1:
             raise CalibrateError(f"--{name.replace('_', '-')} must be at least 1, got {kw[name]}")
     settings = Settings.quick(**kw) if args.quick else Settings(**{k: v for k, v in kw.items() if v is not None})
     settings.argv = getattr(args, "argv", None)
+    if kw["fisher_samples"] is not None and settings.head_curves != "fisher":
+        raise CalibrateError(
+            f"--fisher-samples {kw['fisher_samples']} sets the samples of --head-curves fisher, which this run does "
+            "not use; add --head-curves fisher (or --quick) or drop --fisher-samples"
+        )
     if settings.context_length < 64:
         raise CalibrateError(f"--context-length {settings.context_length} is too short; use at least 64 tokens")
     return settings

@@ -120,6 +120,10 @@ def test_a_fisher_profile_splits_its_measured_layer_curves(monkeypatch):
         model, ev, sinks=2, window=8, per_head=True, head_curves="fisher", checkpoint=Store(store.tensors)
     )
     assert torch.equal(again.head_parts, fisher.head_parts)
+    asked = []
+    monkeypatch.setattr(profiling, "fisher_kl", lambda *a, **k: asked.append(k["samples"]) or fisher_kl(*a, **k))
+    fewer = profiling.measure(model, ev, sinks=2, window=8, per_head=True, head_curves="fisher", fisher_samples=3)
+    assert asked == [3] and fewer.meta["head_curves"]["samples"] == 3
 
 
 @pytest.mark.parametrize(
@@ -140,15 +144,50 @@ def test_fisher_with_options_it_cannot_honour_is_refused(tmp_path, capsys, extra
 def test_fisher_profiles_have_their_own_key():
     from calibrate.settings import Settings
 
-    assert "head_curves" not in Settings().keyed()
+    assert "head_curves" not in Settings().keyed() and "fisher_samples" not in Settings().keyed()
     assert Settings(head_curves="fisher").key() != Settings().key()
+    # 48 samples, as every Fisher profile before the field: the same key; another count is another profile
+    assert Settings(head_curves="fisher").keyed()["fisher_samples"] == 48
+    assert Settings(head_curves="fisher", fisher_samples=24).key() != Settings(head_curves="fisher").key()
+    assert Settings(fisher_samples=24).key() == Settings().key()  # measured curves draw no samples
 
 
 def test_the_quick_preset_estimates_head_curves_unless_told_otherwise():
     from calibrate.settings import Settings
 
     assert Settings.quick().head_curves == "fisher"
+    assert Settings.quick().fisher_samples == 24 < Settings().fisher_samples
     assert Settings.quick(head_curves="measured").head_curves == "measured"
     assert Settings.quick(head_points=[0.02, 0.5]).head_curves == "measured"
     assert Settings.quick(per_head=False).head_curves == "measured"
     assert Settings().head_curves == "measured"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--head-curves", "fisher", "--fisher-samples", "0"], "--fisher-samples 0: the estimate needs at least 1"),
+        (["--fisher-samples", "24"], "--fisher-samples 24 sets the samples of --head-curves fisher, which this run"),
+        (["--quick", "--no-per-head", "--fisher-samples", "8"], "add --head-curves fisher (or --quick) or drop"),
+    ],
+)
+def test_fisher_samples_without_the_fisher_estimate_or_below_one_are_refused(tmp_path, capsys, argv, message):
+    from calibrate.cli import main
+
+    assert main(["profile", *argv, "--out", str(tmp_path / "s.json")]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_fisher_samples_reach_the_settings():
+    import argparse
+    from types import SimpleNamespace
+
+    from calibrate import options, settings
+
+    p = argparse.ArgumentParser()
+    options.add_calibration_args(p)
+    for argv, want in ((["--quick"], 24), (["--quick", "--fisher-samples", "48"], 48),
+                       (["--head-curves", "fisher", "--fisher-samples", "12"], 12)):  # fmt: skip
+        got = settings.from_args(SimpleNamespace(**vars(p.parse_args(argv)), argv=argv))
+        assert got.head_curves == "fisher" and got.fisher_samples == want, argv
