@@ -9,7 +9,7 @@ ORDER = 10
 EXAMPLES = """\
 examples:
   calibrate run                                   # embedded SmolLM2, generated tasks, budget 0.3
-  calibrate run --quick                           # a small preset (2 min on 2 cores, per-head curves estimated)
+  calibrate run --quick                           # a small preset (under 90 s on 2 cores, per-head curves estimated)
   calibrate run --head-curves fisher              # per-head curves estimated, not measured (docs/method.md)
   calibrate run --data ../shared/data/gutenberg ../shared/data/tinyshakespeare --budget 0.2
   calibrate run --budgets 0.2,0.3,0.5 --trials 60 # one study, NSGA-II, one schedule per budget
