@@ -134,8 +134,7 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
     # the share of grid points they measure; the Fisher pass a measured multiple of the layer phase
     head_work = 0.0
     if settings.per_head and kv_heads > 1:
-        fisher = settings.head_curves == "fisher"
-        if fisher:  # the samples are most of its work
+        if settings.head_curves == "fisher":  # the samples are most of its work
             head_work = FISHER_COST * settings.fisher_samples / profile.SAMPLES
         else:
             head_work = kv_heads * len(settings.head_points) / len(profile.GRID)
