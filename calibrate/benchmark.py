@@ -174,11 +174,13 @@ def greedy_run(
     cache=None,
     schedule: Schedule | None = None,
     tokens_out: list[torch.Tensor] | None = None,
+    prefill_rows: int | None = None,
 ) -> RunStats:
     """Prefill then `new_tokens - 1` single-token decode steps, as `generate` does, each step timed on its own.
 
     schedule: the schedule the model runs under, to tell trim steps from plain ones (None: all plain).
     tokens_out: if given, each generated [B, 1] token tensor is appended to it (the first comes from prefill).
+    prefill_rows: under a schedule, prefill this many rows at a time (`runtime.prefill_rows`).
     """
     device = ids.device
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -191,9 +193,14 @@ def greedy_run(
     with meter or contextlib.nullcontext():
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        if prefill_rows is not None:
+            logits, cache = runtime.prefill_rows(model, ids, mask, rows=prefill_rows, position_ids=pos)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                        logits_to_keep=1)  # fmt: skip
+            logits, cache = out.logits, out.cache
+            del out
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         prefill_s = time.perf_counter() - t0
         kv_prefill = runtime.kv_bytes(cache)
@@ -240,13 +247,20 @@ def greedy_run(
 
 
 def run_config(
-    model, name: str, ids: torch.Tensor, mask: torch.Tensor, steps: int, schedule: Schedule | None = None
+    model,
+    name: str,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    schedule: Schedule | None = None,
+    prefill_rows: int | None = None,
 ) -> RunStats:
-    """One greedy run of configuration `name` on these prompts: under `schedule` when given, else stock with a
-    `DynamicCache` (`stock_dynamic`) or a `StaticCache` sized for the prompt and the fed tokens (the others)."""
+    """One greedy run of configuration `name` on these prompts: under `schedule` when given (its prefill
+    `prefill_rows` rows at a time, if given), else stock with a `DynamicCache` (`stock_dynamic`) or a `StaticCache`
+    sized for the prompt and the fed tokens (the others)."""
     if schedule is not None:
         with runtime.apply(model, schedule):
-            return greedy_run(model, ids, mask, steps, schedule=schedule)
+            return greedy_run(model, ids, mask, steps, schedule=schedule, prefill_rows=prefill_rows)
     if name == "stock_dynamic":
         cache = DynamicCache(config=model.config)
     else:
@@ -301,13 +315,15 @@ def compare(
     kv_limit_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
     other: Schedule | None = None,
+    prefill_rows: int | None = None,
 ) -> dict:
     """Warm, then run every configuration `repeats` times, in turn; medians, ratios against each baseline, batch.
 
     `ids` are unpadded equal-length prompts (`mask` all ones). `other`: a second schedule in the same run (e.g. a
     per-layer one at the same KV), one more baseline. The result keeps the keys of the older two-way
     comparison (`stock` = stock DynamicCache, `schedule`, `ratios` = schedule / stock DynamicCache) and adds
-    `configs`, `labels`, `ratios_vs` and `decode_speed`.
+    `configs`, `labels`, `ratios_vs` and `decode_speed`. `prefill_rows`: the schedules prefill this many rows at
+    a time (`runtime.prefill_rows`).
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 (a prefill token and a decode step), got {new_tokens}")
@@ -320,7 +336,7 @@ def compare(
 
     def run(name: str, steps: int) -> RunStats:
         x, m = (cut_ids, cut_mask) if name == "precut" else (ids, mask)
-        return run_config(model, name, x, m, steps, schedules.get(name))
+        return run_config(model, name, x, m, steps, schedules.get(name), prefill_rows)
 
     # warm-up, untimed: first calls pay for lazy init and the allocator learns the shapes; the schedule runs
     # through its first trim when the timed runs will have one
@@ -349,6 +365,7 @@ def compare(
         "repeats": repeats,
         "trim_interval": interval,
         "stagger": schedule.decode.stagger,
+        "prefill_rows": prefill_rows,
         "kv_limit_bytes": limit,
         "stock": asdict(med["stock_dynamic"]),  # older key: stock = stock DynamicCache
         "schedule": asdict(med["schedule"]),
@@ -361,6 +378,10 @@ def compare(
         "decode_speed": {label: ratios_vs[name]["decode_tokens_per_s"] for name, label in against.items()},
         "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
     }
+
+
+class ThroughputInputError(ValueError):
+    """What the caller of `throughput_at_largest` can change: a KV limit that fits no row, too few prompts."""
 
 
 THROUGHPUT_CONFIGS = ("stock_static", "schedule")  # the honest baseline and the schedule, each at its largest batch
@@ -380,26 +401,38 @@ def throughput_at_largest(
     new_tokens: int = 64,
     repeats: int = 1,
     progress: Callable[[str], None] | None = None,
+    prefill_rows: int | None = None,
 ) -> dict:
     """Stock `StaticCache` and the schedule, each run at its own largest batch (`rows`, e.g. `compare`'s
     `largest_batch`: what fits the same KV limit), warmed there once, then in turn, the order reversing every other
     repeat: decode tokens/s and generation tokens/s (prefill included) there, medians over `repeats`, and the
     schedule's ratio to stock. `prompts(n)` gives `n` unpadded prompts and their mask. This is the paper's
-    throughput metric: what a server with that much memory for KV serves per second."""
+    throughput metric: what a server with that much memory for KV serves per second. `prefill_rows`: the schedule
+    prefills this many rows at a time (`runtime.prefill_rows`; e.g. stock's batch, so that it never holds more
+    full-length KV than stock does).
+
+    Raises `ThroughputInputError` for what the caller can change (a limit that fits no row, too few prompts)
+    before any model runs."""
     for name in THROUGHPUT_CONFIGS:
         if rows.get(name, 0) < 1:
-            raise ValueError(f"{LABELS[name]} fits no row in the KV limit; raise the limit (bench --kv-limit-mb)")
+            raise ThroughputInputError(
+                f"{LABELS[name]} fits no row in the KV limit; raise the limit (bench --kv-limit-mb)"
+            )
     inputs = {}
     for name in THROUGHPUT_CONFIGS:
         ids, mask = prompts(rows[name])
         if ids.shape[0] != rows[name]:
-            raise ValueError(f"the prompts hold {ids.shape[0]} rows, not the {rows[name]} of {LABELS[name]}'s "
-                             "largest batch; give more text (bench --data) or shorter prompts (--context)")  # fmt: skip
+            raise ThroughputInputError(
+                f"the prompts hold {ids.shape[0]} rows, not the {rows[name]} of {LABELS[name]}'s largest batch; "
+                "give more text (bench --data) or shorter prompts (--context)"
+            )
         inputs[name] = ids, mask
     runs: dict[str, list[RunStats]] = {name: [] for name in THROUGHPUT_CONFIGS}
 
     def run(name: str, steps: int) -> RunStats:
-        return run_config(model, name, *inputs[name], steps, schedule if name == "schedule" else None)
+        if name == "schedule":
+            return run_config(model, name, *inputs[name], steps, schedule, prefill_rows)
+        return run_config(model, name, *inputs[name], steps)
 
     for name in THROUGHPUT_CONFIGS:  # untimed, at this batch: the allocator's first growth to the new shapes
         if progress:
@@ -417,6 +450,7 @@ def throughput_at_largest(
         "rows": {name: rows[name] for name in THROUGHPUT_CONFIGS},
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "prefill_rows": prefill_rows,
         "configs": {name: asdict(r) for name, r in med.items()},
         "decode_tokens_per_s": decode,
         "generation_tokens_per_s": generation,

@@ -18,8 +18,12 @@ written to --out as soon as it is measured, and a side-by-side table is printed 
   tokens/s, KV bytes and peak memory for stock DynamicCache, stock StaticCache, the pre-cut reference, uniform 0.3
   and per-head 0.3 (seeded lognormal shares, rescaled to the budget), head by head and with the kernel. Each
   configuration is warmed once at the same shape (through its first trim) before its timed run.
-- d. the largest batch that fits --memory-gib, from each configuration's measured peak memory per row at the
-  largest case (weights counted once).
+- d. the largest batch that fits --memory-gib at the longest case (weights counted once): stock's measured peak
+  per row; a schedule prefills in chunks of the case's batch (`runtime.prefill_rows`), so it needs that run's
+  measured peak once plus its decode KV for every further row.
+- e. (only when asked: `--parts e`, which also runs c and d at the longest case) throughput there: stock
+  StaticCache and the per-head schedule, each at its largest batch from d, decode and generation tokens/s (the
+  paper's metric), the schedule prefilling in chunks of the case's batch.
 """
 
 from __future__ import annotations
@@ -191,13 +195,40 @@ def end_to_end(model, case: str, new: int, device: str, warm: bool = True) -> di
     return {"batch": b, "prompt_tokens": t, "new_tokens": new, "configs": out}
 
 
-def largest_batch(case: dict, weights_bytes: int, limit_bytes: int) -> dict[str, int]:
-    """Rows that fit `limit_bytes`: the weights once, then each configuration's measured peak per row."""
+def largest_batch(case: dict, weights_bytes: int, limit_bytes: int, chunked: set[str] = frozenset()) -> dict[str, int]:
+    """Rows that fit `limit_bytes` besides the weights. A configuration needs its measured peak per row; one in
+    `chunked` prefills `case["batch"]` rows at a time, so it needs the measured run's peak once (its prefill and
+    its KV) and then only its decode KV per further row (a layer is merged from its chunks one at a time)."""
+    free = max(limit_bytes - weights_bytes, 0)
     rows = {}
     for name, r in case["configs"].items():
-        per_row = max(r["peak_memory_bytes"], r["kv_bytes_peak"]) / case["batch"]
-        rows[name] = int(max(limit_bytes - weights_bytes, 0) // max(per_row, 1))
+        peak = max(r["peak_memory_bytes"], r["kv_bytes_peak"])
+        if name in chunked and peak <= free:
+            kv_row = r["kv_bytes_peak"] / case["batch"]
+            rows[name] = case["batch"] + int((free - peak) // max(kv_row, 1))
+        else:  # (a chunked run that does not fit even once: as unchunked, smaller chunks would be needed)
+            rows[name] = int(free // max(peak / case["batch"], 1))
     return rows
+
+
+def throughput(model, case: str, rows: dict[str, int], new: int, device: str, free: int) -> dict:
+    """Part e: stock StaticCache and the per-head schedule, each at its own largest batch (`rows`, sized for
+    `free` bytes), the schedule prefilling the case's batch of rows at a time."""
+    b, t = _case(case)
+    schedule = per_head_schedule(model.config.num_hidden_layers, model.config.num_key_value_heads, t)
+    batch_rows = {"stock_static": rows["stock_static"], "schedule": rows["per_head"]}
+
+    def prompts(n: int):
+        ids = _ids(n, t, model.config.vocab_size, device, seed=5)
+        return ids, torch.ones_like(ids)
+
+    for name, n in batch_rows.items():
+        if n < 1:
+            raise SystemExit(f"error: part e: {name} fits no row in {free / 2**30:.1f} GiB; raise --memory-gib")
+    out = bench.throughput_at_largest(model, prompts, _with_interval(schedule), batch_rows, new, prefill_rows=b)
+    # whether each measured peak fits the memory the batch was sized for (the weights' share aside)
+    out["peak_fits"] = {n: c["peak_memory_bytes"] <= free for n, c in out["configs"].items()}
+    return out
 
 
 ROWS = [  # the end-to-end table: label, RunStats field, scale
@@ -227,6 +258,8 @@ def table(result: dict) -> str:
     if "largest_batch" in result["parts"]:
         rows = result["parts"]["largest_batch"]["rows"]
         lines.append("largest batch: " + ", ".join(f"{n} {v}" for n, v in rows.items()))
+    if "throughput" in result["parts"]:
+        lines += ["", bench.format_throughput(result["parts"]["throughput"])]
     return "\n".join(lines)
 
 
@@ -238,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", help="end-to-end BATCHxPROMPT cases (default: the shape's preset)")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--memory-gib", type=float, help="memory the largest batch must fit (8b: 120)")
-    p.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["a", "b", "c", "d"],
+        choices=["a", "b", "c", "d", "e"],
+        help="default a b c d; e (throughput at the largest batch) also runs c and d at the longest case",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     check_out(args.out)
@@ -272,16 +311,22 @@ def main(argv: list[str] | None = None) -> int:
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     if "a" in args.parts:
         record("correctness", correctness(model, preset, args.device))
-    if "c" in args.parts or "d" in args.parts:
+    biggest = max(cases, key=lambda c: _case(c)[1])
+    if "e" in args.parts and "c" not in args.parts:
+        cases = [biggest]  # d and e need only the longest case measured
+    if {"c", "d", "e"} & set(args.parts):
         e2e = {}
         for case in cases:
             e2e[case] = end_to_end(model, case, new, args.device)
             record("end_to_end", e2e)
-        if "d" in args.parts:
-            biggest = max(cases, key=lambda c: _case(c)[1])
+        if {"d", "e"} & set(args.parts):
             limit = int((args.memory_gib or preset["memory_gib"]) * 2**30)
-            rows = largest_batch(e2e[biggest], weights, limit)
-            record("largest_batch", {"case": biggest, "memory_bytes": limit, "weights_bytes": weights, "rows": rows})
+            chunked = set(_configs(model, _case(biggest)[1], args.device))
+            rows = largest_batch(e2e[biggest], weights, limit, chunked)
+            record("largest_batch", {"case": biggest, "memory_bytes": limit, "weights_bytes": weights, "rows": rows,
+                                     "chunked_prefill": sorted(chunked)})  # fmt: skip
+            if "e" in args.parts:
+                record("throughput", throughput(model, biggest, rows, new, args.device, limit - weights))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(table(result))

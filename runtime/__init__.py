@@ -18,6 +18,7 @@ _LAZY = {
     "apply": "integration",
     "cache_of": "integration",
     "new_cache": "integration",
+    "prefill_rows": "chunked_prefill",
     "PyramidCache": "cache",
     "cache_bytes": "cache",
     "kv_bytes": "cache",

@@ -266,6 +266,58 @@ class PyramidCache(Cache):
         other.forward_ratio = [None] * len(other.layers)
         return other
 
+    @classmethod
+    def cat_rows(cls, caches: list[PyramidCache]) -> PyramidCache:
+        """One cache holding the rows of `caches`, one after the other: the row chunks of one batch, each prefilled
+        alone to the same padded length under the same schedule (`runtime.prefill_rows`).
+
+        Each layer is merged in turn and then dropped from the chunk caches, so the merge holds one layer twice
+        at most, not the whole cache; the chunk caches are left empty. Everything that can be checked is checked
+        before any chunk is touched; a failure while merging (out of memory) leaves the chunk caches unusable.
+        """
+        if not caches:
+            raise ValueError("PyramidCache.cat_rows needs at least one cache")
+        for i, c in enumerate(caches):
+            if not isinstance(c, PyramidCache):
+                raise ValueError(f"PyramidCache.cat_rows: caches[{i}] is {describe(c)}, not a PyramidCache")
+            if c.step is not None:
+                raise ValueError(f"PyramidCache.cat_rows: caches[{i}] is inside a forward pass; merge between passes")
+        first = caches[0]
+        if any(c.schedule is not first.schedule and c.schedule != first.schedule for c in caches):
+            raise ValueError("PyramidCache.cat_rows: the row chunks ran under different schedules")
+        if len({c.seen_slots for c in caches}) > 1:
+            raise ValueError(
+                f"PyramidCache.cat_rows: the row chunks were fed {sorted({c.seen_slots for c in caches})} tokens; "
+                "chunks of one batch must be fed the same padded length"
+            )
+        if any(c.since_trim != first.since_trim for c in caches):
+            raise ValueError(
+                "PyramidCache.cat_rows: the row chunks are at different points of their trim intervals (fed in "
+                "other passes); prefill every chunk in one pass"
+            )
+        for c in caches:
+            c.learn_validity()
+        for i in range(len(first.layers)):
+            held = {(type(c.layers[i]).__name__, tuple(u.stored() for u in c.layers[i].units())) for c in caches}
+            if len(held) > 1:
+                raise ValueError(
+                    f"PyramidCache.cat_rows: layer {i} differs between the row chunks ({sorted(held)}: kind, slots "
+                    "per unit); chunks of one batch must be fed the same padded length under the same schedule"
+                )
+        out = copy.copy(first)
+        out.layers = []
+        for i in range(len(first.layers)):
+            parts = [c.layers[i] for c in caches]
+            out.layers.append(type(parts[0]).cat_rows(parts, f"PyramidCache.cat_rows, layer {i}"))
+            for c in caches:
+                c.layers[i] = None  # freed now: the merged copy holds its rows
+        out.seen_valid = None if first.seen_valid is None else torch.cat([c.seen_valid for c in caches])
+        out.since_trim = list(first.since_trim)
+        out.late_invalid, out.step = None, None
+        for c in caches:
+            c.layers = []
+        return out
+
     def compress_now(self) -> None:
         """Trim every layer to its share of the tokens seen so far, as right after a prefill."""
         self.learn_validity()

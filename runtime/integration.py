@@ -30,6 +30,11 @@ def cache_of(out) -> PyramidCache | None:
     return None
 
 
+def is_applied(model: nn.Module) -> bool:
+    """Whether `model` is inside a `runtime.apply` block."""
+    return getattr(vars(model).get("forward"), "pyramid_schedule", None) is not None
+
+
 def new_cache(model: nn.Module, schedule: Schedule) -> PyramidCache:
     return PyramidCache(schedule, layer_plan(model))
 
@@ -69,6 +74,7 @@ def apply(
     def forward(*args, **kwargs):
         return _forward(model, schedule, original_forward, args, kwargs, ragged_kernel)
 
+    forward.pyramid_schedule = schedule  # how `is_applied` knows the model is under this block
     try:
         model.set_attn_implementation(_IMPLEMENTATIONS[attn])
         model.forward = forward

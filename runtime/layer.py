@@ -7,6 +7,7 @@ exact masks, and lets retained tokens keep their true positions for RoPE.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,25 @@ class Step:
     # masks of layers whose slots are this pass's own tokens (a fresh prompt): equal in every such layer with the same
     # window and device, so built once per pass; each is kept with the positions and validity it was built from
     masks: dict = field(default_factory=dict)
+
+
+SLOT_FIELDS = ("keys", "values", "pos", "valid")  # what each slot holds
+
+
+def cat_rows(target, sources: list, names: tuple[str, ...], what: str) -> None:
+    """Set each attribute `names` of `target` to the rows of `sources`' same attribute, one after the other (dim 0);
+    they must agree in every other dimension (`what` names the owner in the error)."""
+    for name in names:
+        parts = [getattr(s, name) for s in sources]
+        if all(p is None for p in parts):
+            continue
+        shapes = {None if p is None else tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"{what}: the row chunks hold {name} of different shapes {sorted(map(str, shapes))}; chunks of one "
+                "batch must be prefilled to the same length under the same schedule"
+            )
+        setattr(target, name, torch.cat(parts))
 
 
 def _with_room(buf: torch.Tensor, used: int, need: int, spare: int) -> torch.Tensor:
@@ -258,7 +278,7 @@ class PyramidLayer(BatchIndexing, QueryMemory, DynamicLayer):
     def reserve(self, slots: int) -> None:
         """Room for `slots` more slots in every slot buffer, allocated now (see `PyramidCache.reserve`)."""
         if self.keys is not None:
-            for name in ("keys", "values", "pos", "valid"):
+            for name in SLOT_FIELDS:
                 self._reserve(name, slots)
 
     def kv_nbytes(self) -> int:
@@ -284,8 +304,18 @@ class PyramidLayer(BatchIndexing, QueryMemory, DynamicLayer):
         self.has_invalid = False
         self.shared_slots = True
 
+    @classmethod
+    def cat_rows(cls, layers: list[PyramidLayer], what: str = "layer", queries: bool = True) -> PyramidLayer:
+        """One layer holding the rows of `layers` (the same layer of caches prefilled alike), one after the other;
+        its recent queries too unless `queries` is False (a split layer's heads read views of the layer's ring)."""
+        out = copy.copy(layers[0])
+        cat_rows(out, layers, SLOT_FIELDS + (cls.QUERY_FIELDS if queries else ()), what)
+        out.has_invalid = any(layer.has_invalid for layer in layers)
+        out.shared_slots = all(layer.shared_slots for layer in layers)
+        return out
+
     def _index_slots(self, fn) -> None:
-        for name in ("keys", "values", "pos", "valid"):
+        for name in SLOT_FIELDS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))

@@ -15,9 +15,8 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from . import ragged_decode
-from .layer import BatchIndexing, PyramidLayer, QueryMemory, Step
-
-FIELDS = ("keys", "values", "pos", "valid")  # what each slot holds, one flat buffer each
+from .layer import SLOT_FIELDS as FIELDS  # what each slot holds, one flat buffer each
+from .layer import BatchIndexing, PyramidLayer, QueryMemory, Step, cat_rows
 
 
 class QueryRing(QueryMemory):
@@ -79,6 +78,21 @@ class RaggedLayer(BatchIndexing, DynamicLayer):
         ragged = cls(heads, QueryRing.of(layer, layer.query_window, layer.spare))
         ragged.is_initialized, ragged.device = True, layer.device
         return ragged
+
+    @classmethod
+    def cat_rows(cls, layers: list[RaggedLayer], what: str = "layer") -> RaggedLayer:
+        """One layer holding the rows of `layers` (the same layer of caches prefilled alike), one after the other."""
+        if len({len(layer.heads) for layer in layers}) > 1:
+            raise ValueError(f"{what}: the row chunks split it into different numbers of KV heads")
+        heads = [
+            PyramidLayer.cat_rows([layer.heads[h] for layer in layers], f"{what}, KV head {h}", queries=False)
+            for h in range(len(layers[0].heads))
+        ]
+        ring = QueryRing(layers[0].ring.query_window, layers[0].ring.spare)
+        cat_rows(ring, [layer.ring for layer in layers], QueryRing.QUERY_FIELDS, f"{what}, recent queries")
+        out = cls(heads, ring)
+        out.is_initialized, out.device = layers[0].is_initialized, layers[0].device
+        return out
 
     @property
     def top_ratio(self) -> float:

@@ -181,7 +181,9 @@ def test_bench_command_end_to_end_on_a_tiny_model(tiny_model_dir, shared_data, t
     assert set(got["configs"]) == set(bench.CONFIGS) and got["precut_tokens"] < 128
     assert "stock StaticCache" in printed and f"pre-cut reference on the last {got['precut_tokens']}" in printed
     assert main([*argv[:-2], "--new-tokens", "1"]) == 2
-    assert "--new-tokens must be at least 2" in capsys.readouterr().err
+    assert "--new-tokens 1: must be at least 2" in capsys.readouterr().err
+    assert main([*argv[:-2], "--prefill-rows", "0"]) == 2
+    assert "--prefill-rows 0: must be at least 1" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_bench_against_a_second_schedule_in_the_same_run(tiny_model_dir, shared_data, tmp_path, capsys):
@@ -267,6 +269,36 @@ def test_bench_throughput_adds_the_largest_batch_runs(tiny_model_dir, shared_dat
     assert t["rows"] == {n: got["largest_batch"][n] for n in bench.THROUGHPUT_CONFIGS}
     assert t["rows"]["schedule"] > t["rows"]["stock_static"] == 2
     assert "| at the largest batch |" in printed
+
+
+def test_prefill_in_row_chunks_decodes_the_same_tokens_into_the_same_cache(llama):
+    ids, mask = prompt_batch(5)
+    sched = tiny_schedule()
+    runs = []
+    for rows in (None, 2):
+        tokens: list[torch.Tensor] = []
+        with runtime.apply(llama, sched):
+            stats = bench.greedy_run(llama, ids, mask, NEW, schedule=sched, tokens_out=tokens, prefill_rows=rows)
+        runs.append((torch.cat(tokens, 1), stats))
+    (whole, a), (chunked, b) = runs
+    assert torch.equal(whole, chunked)
+    assert (a.kv_bytes_prefill, a.kv_bytes_end) == (b.kv_bytes_prefill, b.kv_bytes_end)
+
+
+def test_bench_throughput_reports_a_failure_inside_a_run_as_it_is(tiny_model_dir, shared_data, monkeypatch):
+    """Only `ThroughputInputError` (what the user can change) becomes a "--throughput: ..." one-line error; a
+    ValueError from inside a run (torch, the model) is not dressed up as the user's mistake."""
+    from calibrate.cli import main
+
+    def broken(*args, **kwargs):
+        raise ValueError("from inside a run")
+
+    monkeypatch.setattr(bench, "throughput_at_largest", broken)
+    text = shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+    argv = ["bench", "--model", str(tiny_model_dir), "--data", str(text), "--batch", "2", "--context", "128",
+            "--new-tokens", "3", "--repeats", "1", "--throughput"]  # fmt: skip
+    with pytest.raises(ValueError, match="from inside a run"):
+        main(argv)
 
 
 def test_bench_throughput_with_too_little_text_names_the_flags_and_writes_nothing(

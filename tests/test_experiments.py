@@ -205,8 +205,29 @@ def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     assert configs["per_head"]["trim_steps"] == 1 and configs["stock_static"]["trim_steps"] == 0  # 9 steps, every 8
     assert configs["per_head"]["kv_bytes_prefill"] < 0.5 * configs["stock_static"]["kv_bytes_prefill"]
     assert configs["precut"]["prompt_tokens"] == round(0.3 * 192)
-    assert set(parts["largest_batch"]["rows"]) == set(configs)
+    largest = parts["largest_batch"]
+    assert set(largest["rows"]) == set(configs)
+    assert largest["chunked_prefill"] == ["per_head", "per_head_kernel", "uniform"]
     assert "| decode tok/s |" in capsys.readouterr().out
+    # the schedules prefill in chunks of the case's batch: their measured peak once, then their decode KV per row
+    free, ph = largest["memory_bytes"] - largest["weights_bytes"], configs["per_head"]
+    peak = max(ph["peak_memory_bytes"], ph["kv_bytes_peak"])
+    assert largest["rows"]["per_head"] == 2 + int((free - peak) // (ph["kv_bytes_peak"] / 2))
+
+
+def test_gpu_scale_throughput_part_runs_each_at_its_largest_batch(tmp_path):
+    from experiments import gpu_scale
+
+    out = tmp_path / "g.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--cases", "1x384", "--parts", "e",
+            "--memory-gib", "0.05", "--new-tokens", "4", "--out", str(out)]  # fmt: skip
+    assert gpu_scale.main(argv) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert set(parts) == {"end_to_end", "largest_batch", "throughput"}
+    rows, t = parts["largest_batch"]["rows"], parts["throughput"]
+    assert t["rows"] == {"stock_static": rows["stock_static"], "schedule": rows["per_head"]}
+    assert t["prefill_rows"] == 1 and t["rows"]["schedule"] > t["rows"]["stock_static"] >= 1
+    assert set(t["peak_fits"]) == {"stock_static", "schedule"}
 
 
 def test_stagger_steps_compares_aligned_and_staggered_trims(shared_data, tmp_path, capsys):

@@ -17,6 +17,9 @@ examples:
       --against docs/per_layer_calibrated/smollm2-135m-instruct_b0.3.json   # per head against per layer
   calibrate bench --batch 4 --context 1024 --new-tokens 32 --out bench.json
   calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json --throughput   # each at its largest batch
+  calibrate bench --schedule schedules/smollm2-135m-instruct_b0.3.json --throughput --prefill-rows 8
+                                                     # the schedule prefills 8 rows at a time (its prefill's
+                                                     # activations and scoring buffers: 8 rows' worth)
   calibrate bench --device cuda --dtype bfloat16 --kv-limit-mb 2048
 
 Four configurations (five with --against), each warmed before timing, run in turn (the order reverses every
@@ -61,6 +64,10 @@ def add_parser(subparsers):
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row, at least 2 (default 64)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--kv-limit-mb", type=float, help="KV memory limit for the largest-batch figure")
+    p.add_argument("--prefill-rows", type=int, metavar="N",
+                   help="the schedule (and --against) prefill N rows at a time (runtime.prefill_rows): the "
+                        "prefill's activations, full-length layer KV and scoring buffers are N rows' worth; default: "
+                        "the whole batch at once")  # fmt: skip
     p.add_argument("--throughput", action="store_true",
                    help="also run stock StaticCache and the schedule at their largest batches in the KV limit and "
                         "compare tokens/s there (--repeats runs each)")  # fmt: skip
@@ -83,9 +90,11 @@ def run(args) -> int:
     from ..schedule_spec import resolve_schedule
     from ..settings import check_positions
 
-    for name, least in (("batch", 1), ("context", 1), ("new_tokens", 2), ("repeats", 1)):
-        if getattr(args, name) < least:
-            raise ScheduleError(f"--{name.replace('_', '-')} must be at least {least}")
+    for name, least in (("batch", 1), ("context", 1), ("new_tokens", 2), ("repeats", 1), ("prefill_rows", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ScheduleError(f"{flag} {value}: must be at least {least}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
@@ -125,6 +134,7 @@ def run(args) -> int:
         kv_limit_bytes=int(args.kv_limit_mb * 2**20) if args.kv_limit_mb else None,
         progress=lambda msg: print("  " + msg, flush=True),
         other=other,
+        prefill_rows=args.prefill_rows,
     )
     result.update(
         model=str(args.model or "SmolLM2-135M-Instruct"),
@@ -144,9 +154,9 @@ def run(args) -> int:
         try:
             result["throughput"] = bench.throughput_at_largest(
                 model, prompts, schedule, result["largest_batch"], args.new_tokens, args.repeats,
-                progress=lambda msg: print("  " + msg, flush=True),
+                progress=lambda msg: print("  " + msg, flush=True), prefill_rows=args.prefill_rows,
             )  # fmt: skip
-        except ValueError as e:  # what the user can change: the text, the prompt length, the KV limit
+        except bench.ThroughputInputError as e:  # what the user can change: the text, the prompt length, the limit
             raise ScheduleError(f"--throughput: {e}") from None
     if other is not None:
         result.update(against_name=other.name or args.against, against_prefill_mode=other.prefill_mode,
