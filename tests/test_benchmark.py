@@ -261,11 +261,13 @@ def test_bench_throughput_adds_the_largest_batch_runs(tiny_model_dir, shared_dat
     out = tmp_path / "bench.json"
     text = shared_data / "gutenberg" / "pg1342_pride_and_prejudice.txt"
     argv = ["bench", "--model", str(tiny_model_dir), "--data", str(text), "--batch", "2", "--context", "128",
-            "--new-tokens", "5", "--repeats", "1", "--throughput", "--out", str(out)]  # fmt: skip
+            "--new-tokens", "5", "--repeats", "1", "--throughput", "--prefill-rows", "1",
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     got = json.loads(out.read_text())
     t = got["throughput"]
+    assert got["prefill_rows"] == t["prefill_rows"] == 1  # the flag reaches both parts
     assert t["rows"] == {n: got["largest_batch"][n] for n in bench.THROUGHPUT_CONFIGS}
     assert t["rows"]["schedule"] > t["rows"]["stock_static"] == 2
     assert "| at the largest batch |" in printed
