@@ -9,11 +9,14 @@ exactly the slots one prefill of the whole batch keeps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
+from . import integration  # (integration imports this module too: names are looked up at call time)
 from .cache import PyramidCache
-from .integration import cache_of, is_applied
 from .schedule import describe
 
 
@@ -37,7 +40,7 @@ def prefill_rows(
     `model(input_ids=next_token, attention_mask=..., position_ids=..., cache=cache)`, or prefill all but the last
     token and pass the cache to `model.generate` with the whole `input_ids` (`cache=cache`).
     """
-    if not is_applied(model):
+    if not integration.is_applied(model):
         raise ValueError(
             "runtime.prefill_rows: the model is not under runtime.apply; call it inside "
             "`with runtime.apply(model, schedule):`"
@@ -56,21 +59,42 @@ def prefill_rows(
             )
     if position_ids is None and attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits, caches = [], []
-    for start in range(0, input_ids.shape[0], rows):
-        part = slice(start, start + rows)
-        out = model(
-            input_ids=input_ids[part],
-            attention_mask=None if attention_mask is None else attention_mask[part],
-            position_ids=None if position_ids is None else position_ids[part],
-            logits_to_keep=logits_to_keep,
-            use_cache=True,
-        )
-        logits.append(out.logits)
-        caches.append(cache_of(out))
-        del out  # its activations go before the next chunk's
-    cache = caches[0] if len(caches) == 1 else PyramidCache.cat_rows(caches)
-    return torch.cat(logits), cache
+    if position_ids is None and attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    out = in_row_chunks(lambda part: model(**part, logits_to_keep=logits_to_keep, use_cache=True), inputs, rows)
+    return out.logits, integration.cache_of(out)
+
+
+# the inputs of a forward pass that hold one entry per row (others, like cache_position, are shared by the rows)
+ROW_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+
+
+def in_row_chunks(call: Callable[[dict], ModelOutput], inputs: dict, rows: int) -> ModelOutput:
+    """`call(inputs)` (a prefill that makes a fresh `PyramidCache`) on `rows` rows of the batch at a time: the
+    first chunk's output with every chunk's logits and one cache holding every row."""
+    ref = inputs.get("input_ids")
+    batch = (ref if ref is not None else inputs["inputs_embeds"]).shape[0]
+    outs = []
+    for start in range(0, batch, rows):
+        part = {
+            k: v[start : start + rows] if k in ROW_INPUTS and isinstance(v, torch.Tensor) and v.shape[0] == batch else v
+            for k, v in inputs.items()
+        }
+        outs.append(call(part))
+    out = outs[0]
+    if len(outs) == 1:
+        return out
+    logits = torch.cat([o.logits for o in outs])
+    caches = [integration.cache_of(o) for o in outs]
+    for o in outs:  # only the merged cache and logits stay: each chunk's own go as the merge frees them
+        o.logits = None
+    out.logits = logits
+    merged = PyramidCache.cat_rows(caches)
+    for name in ("cache", "past_key_values"):
+        if name in out.keys():
+            out[name] = merged
+    return out
 
 
 def _what(value: object) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from . import attention, ragged_decode
+from . import attention, chunked_prefill, ragged_decode
 from .cache import PyramidCache
 from .families import check_schedule_fits, check_supported, decoder_layers, layer_plan
 from .schedule import Schedule, describe, load_schedule
@@ -41,7 +41,11 @@ def new_cache(model: nn.Module, schedule: Schedule) -> PyramidCache:
 
 @contextlib.contextmanager
 def apply(
-    model: nn.Module, schedule: Schedule | str | os.PathLike, attn: str = "sdpa", ragged_kernel: bool = False
+    model: nn.Module,
+    schedule: Schedule | str | os.PathLike,
+    attn: str = "sdpa",
+    ragged_kernel: bool = False,
+    prefill_rows: int | None = None,
 ) -> Iterator[nn.Module]:
     """Make `model` keep, in each layer, only the share of the KV cache that `schedule` allows.
 
@@ -50,6 +54,9 @@ def apply(
     `model(...)` calls use a `PyramidCache`; on exit the model is exactly as it was (attention implementation,
     forward, hooks). `ragged_kernel=True` (CUDA and Triton; off until measured to pay) decodes each layer whose
     KV heads keep different shares in one Triton launch instead of one attention call per KV head.
+    `prefill_rows=N`: a prefill of more than N rows (`generate`'s first pass, or a `model(...)` call without a
+    cache) runs N rows at a time and returns one cache for all of them (`runtime.prefill_rows`), so its working
+    memory is N rows' worth.
     """
     if isinstance(schedule, (str, os.PathLike)):
         schedule = load_schedule(schedule)
@@ -64,6 +71,10 @@ def apply(
         raise ValueError(f"attn must be one of {sorted(_IMPLEMENTATIONS)}, got {attn!r}")
     if ragged_kernel is not False:
         _check_ragged_kernel(model, ragged_kernel)
+    if prefill_rows is not None and (
+        isinstance(prefill_rows, bool) or not isinstance(prefill_rows, int) or prefill_rows < 1
+    ):
+        raise ValueError(f"prefill_rows must be None or a whole number >= 1, got {describe(prefill_rows)}")
     attention.register()
     previous_impl = model.config._attn_implementation
     had_own_forward = "forward" in vars(model)
@@ -72,7 +83,7 @@ def apply(
 
     @functools.wraps(original_forward)  # generate inspects forward's signature (position_ids, cache)
     def forward(*args, **kwargs):
-        return _forward(model, schedule, original_forward, args, kwargs, ragged_kernel)
+        return _forward(model, schedule, original_forward, args, kwargs, ragged_kernel, prefill_rows)
 
     forward.pyramid_schedule = schedule  # how `is_applied` knows the model is under this block
     try:
@@ -101,7 +112,7 @@ def _check_ragged_kernel(model: nn.Module, ragged_kernel: object) -> None:
         raise ValueError(f"ragged_kernel=True {why}")
 
 
-def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: bool = False):
+def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: bool = False, prefill_rows=None):
     if args:  # input_ids given positionally
         kwargs["input_ids"], args = args[0], args[1:]
     if kwargs.pop("use_cache", None) is False:
@@ -112,6 +123,9 @@ def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: boo
     legacy = kwargs.pop("past_key_values", None)
     cache = cache if cache is not None else legacy
     if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
+        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if prefill_rows is not None and not args and ref is not None and ref.shape[0] > prefill_rows:
+            return _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_kernel, prefill_rows)
         cache = new_cache(model, schedule)
     elif not isinstance(cache, PyramidCache):
         raise ValueError("under runtime.apply the cache must be empty or a PyramidCache from an earlier call")
@@ -135,6 +149,20 @@ def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: boo
         return original_forward(*args, cache=cache, use_cache=True, **kwargs)
     finally:
         cache.end()
+
+
+def _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_kernel: bool, rows: int):
+    asked = [k for k in ("labels", "output_attentions", "output_hidden_states") if kwargs.get(k) not in (None, False)]
+    if asked:
+        raise ValueError(
+            f"runtime.apply(prefill_rows={rows}): a prefill in row chunks returns logits and the cache, not "
+            f"{', '.join(asked)}; leave prefill_rows unset for this call"
+        )
+
+    def one_chunk(part: dict):
+        return _forward(model, schedule, original_forward, (), part, ragged_kernel)
+
+    return chunked_prefill.in_row_chunks(one_chunk, kwargs, rows)
 
 
 # ---- drop mode: after a layer has planned which tokens go on, the hidden states of the others stop there

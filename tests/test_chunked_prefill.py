@@ -133,6 +133,42 @@ def test_generate_continues_from_row_chunks():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_generate_under_apply_with_prefill_rows_gives_the_same_tokens(family, monkeypatch):
+    """`runtime.apply(..., prefill_rows=2)`: generate's prefill of 5 rows runs 2 rows at a time, same output."""
+    merges, merge = [], runtime.PyramidCache.cat_rows.__func__
+    monkeypatch.setattr(
+        runtime.PyramidCache, "cat_rows", classmethod(lambda cls, c: merges.append(len(c)) or merge(cls, c))
+    )
+    model = tiny_model(family, kv_heads=2 if family == "gemma3" else None)
+    sched = _schedule(model, "evict", True)
+    ids, mask = left_pad(prompts(lengths=LENGTHS))
+    outs, caches = [], []
+    for rows in (None, 2):
+        with runtime.apply(model, sched, prefill_rows=rows):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=20, return_dict_in_generate=True, **GREEDY)
+        outs.append(out.sequences)
+        caches.append(runtime.cache_of(out))
+    assert merges == [3]  # the prefill only: rows 2 + 2 + 1; decode steps are not split
+    assert torch.equal(outs[0], outs[1])
+    assert_same_caches(caches[1], caches[0])
+
+
+def test_apply_with_prefill_rows_refuses_what_a_chunked_prefill_cannot_return():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts())
+    with runtime.apply(model, schedule_for(model), prefill_rows=1):
+        with pytest.raises(
+            ValueError, match=r"prefill_rows=1\): .* not output_hidden_states; leave prefill_rows unset"
+        ):
+            model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert runtime.cache_of(model(input_ids=ids[:1], attention_mask=mask[:1])).seen_valid.shape == (1,)
+    for bad, shown in ((0, "int 0"), (True, "bool True"), ("2", "str '2'")):
+        with pytest.raises(ValueError, match=f"prefill_rows must be None or a whole number >= 1, got {shown}"):
+            with runtime.apply(model, schedule_for(model), prefill_rows=bad):
+                pass
+
+
 def test_one_chunk_is_the_plain_call():
     model = tiny_model("llama")
     ids, mask = left_pad(prompts())
