@@ -77,6 +77,7 @@ class RunStats:
     trim_steps: int = 0  # steps at which the schedule was due to trim (0 for the stock caches)
     trim_step_ms_mean: float | None = None  # None: no trim step
     trim_step_ms_max: float | None = None
+    cache_bytes_end: int = 0  # keys and values plus the cache's per-slot bookkeeping and recent queries, at the end
 
 
 def _release_freed_memory() -> None:
@@ -234,6 +235,7 @@ def greedy_run(
         decode_tokens_per_s=ids.shape[0] * len(times) / max(sum(times), 1e-9),
         kv_bytes_prefill=kv_prefill,
         kv_bytes_end=runtime.kv_bytes(cache),
+        cache_bytes_end=runtime.cache_bytes(cache),
         kv_bytes_peak=kv_peak,
         peak_memory_bytes=int(peak),
         prompt_tokens=ids.shape[1],

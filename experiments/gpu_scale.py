@@ -20,7 +20,7 @@ written to --out as soon as it is measured, and a side-by-side table is printed 
   configuration is warmed once at the same shape (through its first trim) before its timed run.
 - d. the largest batch that fits --memory-gib at the longest case (weights counted once): stock's measured peak
   per row; a schedule prefills in chunks of the case's batch (`runtime.prefill_rows`), so it needs that run's
-  measured peak once plus its decode KV for every further row.
+  measured peak once plus its decode cache (KV and bookkeeping) for every further row.
 - e. (only when asked: `--parts e`, which also runs c and d at the longest case) throughput there: stock
   StaticCache and the per-head schedule, each at its largest batch from d, decode and generation tokens/s (the
   paper's metric), the schedule prefilling in chunks of the case's batch.
@@ -198,13 +198,14 @@ def end_to_end(model, case: str, new: int, device: str, warm: bool = True) -> di
 def largest_batch(case: dict, weights_bytes: int, limit_bytes: int, chunked: set[str] = frozenset()) -> dict[str, int]:
     """Rows that fit `limit_bytes` besides the weights. A configuration needs its measured peak per row; one in
     `chunked` prefills `case["batch"]` rows at a time, so it needs the measured run's peak once (its prefill and
-    its KV) and then only its decode KV per further row (a layer is merged from its chunks one at a time)."""
+    its KV) and then only its decode cache per further row: its peak KV, scaled by what the cache's bookkeeping
+    (slot positions, validity, recent queries) adds to its KV (a layer is merged from its chunks one at a time)."""
     free = max(limit_bytes - weights_bytes, 0)
     rows = {}
     for name, r in case["configs"].items():
         peak = max(r["peak_memory_bytes"], r["kv_bytes_peak"])
         if name in chunked and peak <= free:
-            kv_row = r["kv_bytes_peak"] / case["batch"]
+            kv_row = r["kv_bytes_peak"] / case["batch"] * max(r["cache_bytes_end"] / max(r["kv_bytes_end"], 1), 1.0)
             rows[name] = case["batch"] + int((free - peak) // max(kv_row, 1))
         else:  # (a chunked run that does not fit even once: as unchunked, smaller chunks would be needed)
             rows[name] = int(free // max(peak / case["batch"], 1))

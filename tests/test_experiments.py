@@ -212,7 +212,9 @@ def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     # the schedules prefill in chunks of the case's batch: their measured peak once, then their decode KV per row
     free, ph = largest["memory_bytes"] - largest["weights_bytes"], configs["per_head"]
     peak = max(ph["peak_memory_bytes"], ph["kv_bytes_peak"])
-    assert largest["rows"]["per_head"] == 2 + int((free - peak) // (ph["kv_bytes_peak"] / 2))
+    assert ph["cache_bytes_end"] > ph["kv_bytes_end"]  # slot positions, validity and recent queries besides
+    row = ph["kv_bytes_peak"] / 2 * ph["cache_bytes_end"] / ph["kv_bytes_end"]
+    assert largest["rows"]["per_head"] == 2 + int((free - peak) // row)
 
 
 def test_gpu_scale_throughput_part_runs_each_at_its_largest_batch(tmp_path):
