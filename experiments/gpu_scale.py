@@ -216,7 +216,7 @@ def throughput(model, case: str, rows: dict[str, int], new: int, device: str, fr
     """Part e: stock StaticCache and the per-head schedule, each at its own largest batch (`rows`, sized for
     `free` bytes), the schedule prefilling the case's batch of rows at a time."""
     b, t = _case(case)
-    schedule = per_head_schedule(model.config.num_hidden_layers, model.config.num_key_value_heads, t)
+    schedule = _configs(model, t, device)["per_head"]  # the schedule part d sized
     batch_rows = {"stock_static": rows["stock_static"], "schedule": rows["per_head"]}
 
     def prompts(n: int):
@@ -226,7 +226,7 @@ def throughput(model, case: str, rows: dict[str, int], new: int, device: str, fr
     for name, n in batch_rows.items():
         if n < 1:
             raise SystemExit(f"error: part e: {name} fits no row in {free / 2**30:.1f} GiB; raise --memory-gib")
-    out = bench.throughput_at_largest(model, prompts, _with_interval(schedule), batch_rows, new, prefill_rows=b)
+    out = bench.throughput_at_largest(model, prompts, schedule, batch_rows, new, prefill_rows=b)
     # whether each measured peak fits the memory the batch was sized for (the weights' share aside)
     out["peak_fits"] = {n: c["peak_memory_bytes"] <= free for n, c in out["configs"].items()}
     return out

@@ -59,10 +59,10 @@ def prefill_rows(
             )
     if position_ids is None and attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    if position_ids is None and attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    out = in_row_chunks(lambda part: model(**part, logits_to_keep=logits_to_keep, use_cache=True), inputs, rows)
+    out = in_row_chunks(
+        lambda part: model(**part, logits_to_keep=logits_to_keep, use_cache=True), inputs, rows, input_ids.shape[0]
+    )
     return out.logits, integration.cache_of(out)
 
 
@@ -70,11 +70,9 @@ def prefill_rows(
 ROW_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
 
 
-def in_row_chunks(call: Callable[[dict], ModelOutput], inputs: dict, rows: int) -> ModelOutput:
-    """`call(inputs)` (a prefill that makes a fresh `PyramidCache`) on `rows` rows of the batch at a time: the
+def in_row_chunks(call: Callable[[dict], ModelOutput], inputs: dict, rows: int, batch: int) -> ModelOutput:
+    """`call(inputs)` (a prefill of `batch` rows that makes a fresh `PyramidCache`) on `rows` rows at a time: the
     first chunk's output with every chunk's logits and one cache holding every row."""
-    ref = inputs.get("input_ids")
-    batch = (ref if ref is not None else inputs["inputs_embeds"]).shape[0]
     outs = []
     for start in range(0, batch, rows):
         part = {

@@ -122,18 +122,16 @@ def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: boo
     cache = kwargs.pop("cache", None)
     legacy = kwargs.pop("past_key_values", None)
     cache = cache if cache is not None else legacy
+    ids = kwargs.get("input_ids")
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    b, q = ref.shape[0], ref.shape[1]
     if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
-        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        if prefill_rows is not None and not args and ref is not None and ref.shape[0] > prefill_rows:
-            return _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_kernel, prefill_rows)
+        if prefill_rows is not None and not args and b > prefill_rows:
+            return _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_kernel, prefill_rows, b)
         cache = new_cache(model, schedule)
     elif not isinstance(cache, PyramidCache):
         raise ValueError("under runtime.apply the cache must be empty or a PyramidCache from an earlier call")
     cache.ragged_kernel = ragged_kernel
-    ids = kwargs.get("input_ids")
-    embeds = kwargs.get("inputs_embeds")
-    ref = ids if ids is not None else embeds
-    b, q = ref.shape[0], ref.shape[1]
     device = ref.device
     position_ids = kwargs.get("position_ids")
     if position_ids is None:  # what the model would do itself, made explicit so the cache records it
@@ -151,7 +149,7 @@ def _forward(model, schedule, original_forward, args, kwargs, ragged_kernel: boo
         cache.end()
 
 
-def _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_kernel: bool, rows: int):
+def _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_kernel: bool, rows: int, batch: int):
     asked = [k for k in ("labels", "output_attentions", "output_hidden_states") if kwargs.get(k) not in (None, False)]
     if asked:
         raise ValueError(
@@ -162,7 +160,7 @@ def _prefill_in_row_chunks(model, schedule, original_forward, kwargs, ragged_ker
     def one_chunk(part: dict):
         return _forward(model, schedule, original_forward, (), part, ragged_kernel)
 
-    return chunked_prefill.in_row_chunks(one_chunk, kwargs, rows)
+    return chunked_prefill.in_row_chunks(one_chunk, kwargs, rows, batch)
 
 
 # ---- drop mode: after a layer has planned which tokens go on, the hidden states of the others stop there

@@ -209,7 +209,7 @@ def test_gpu_scale_dry_runs_on_cpu(tmp_path, capsys):
     assert set(largest["rows"]) == set(configs)
     assert largest["chunked_prefill"] == ["per_head", "per_head_kernel", "uniform"]
     assert "| decode tok/s |" in capsys.readouterr().out
-    # the schedules prefill in chunks of the case's batch: their measured peak once, then their decode KV per row
+    # the schedules prefill in chunks of the case's batch: their measured peak once, then their decode cache per row
     free, ph = largest["memory_bytes"] - largest["weights_bytes"], configs["per_head"]
     peak = max(ph["peak_memory_bytes"], ph["kv_bytes_peak"])
     assert ph["cache_bytes_end"] > ph["kv_bytes_end"]  # slot positions, validity and recent queries besides
