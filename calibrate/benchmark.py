@@ -184,7 +184,7 @@ def greedy_run(
     prefill_rows: under a schedule, prefill this many rows at a time (`runtime.prefill_rows`).
     """
     device = ids.device
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    pos = runtime.mask_positions(mask)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -62,7 +62,7 @@ def _model(args):
 @torch.inference_mode()
 def greedy(model, ids, mask, new_tokens: int, cache=None) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Greedy tokens [B, new_tokens], the first step's logits [B, V] and the cache after prefill's trim."""
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    pos = runtime.mask_positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
     first, cache = out.logits[:, -1].float(), runtime.cache_of(out)
     kept = []  # per layer, or per KV head where shares differ; nothing for a stock cache

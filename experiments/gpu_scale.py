@@ -85,7 +85,7 @@ def _left_padded(lengths: list[int], vocab: int, device: str) -> tuple[torch.Ten
 
 @torch.inference_mode()
 def _first_logits(model, ids, mask, schedule: Schedule | None) -> torch.Tensor:
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    pos = runtime.mask_positions(mask)
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     if schedule is None:
         return model(**kw, cache=DynamicCache(config=model.config)).logits[:, -1].float()

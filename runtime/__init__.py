@@ -19,6 +19,7 @@ _LAZY = {
     "cache_of": "integration",
     "new_cache": "integration",
     "prefill_rows": "chunked_prefill",
+    "mask_positions": "positions",
     "PyramidCache": "cache",
     "cache_bytes": "cache",
     "kv_bytes": "cache",

@@ -47,7 +47,41 @@ def _kernel_applies(step, parts, query, kwargs) -> bool:
     )
 
 
+def decode_packed(query, key, value, mask, scaling: float) -> torch.Tensor:
+    """SDPA of one decode token per row with each KV head's query group packed as its query rows: query [B, Hq, 1,
+    D] as [B, Hkv, G, D] against key/value [B, Hkv, T, D], mask None or [B, 1 or Hq, 1, T]. Returns [B, 1, Hq, D]
+    as the attention functions do. It is what transformers' SDPA does for one token under a mask (`pack_gqa`);
+    with no mask it would take `enable_gqa` instead, which the CPU kernel runs slower (about 10% per layer at
+    SmolLM2's shape), and the runtime's layers mostly need no mask in decode."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, hq // hkv, d)
+    if mask is not None and mask.shape[1] != 1:
+        mask = mask.reshape(b, hkv, hq // hkv, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, 1, hq, d)
+
+
+def _packs(base, query, key, kwargs) -> bool:
+    """Whether `decode_packed` does what `base` would: stock SDPA, one token, whole query groups over several query
+    heads per KV head, and nothing it leaves out (dropout, soft-capping, a position bias)."""
+    return (
+        base is sdpa_attention_forward
+        and query.shape[2] == 1
+        and query.shape[1] > key.shape[1]
+        and query.shape[1] % key.shape[1] == 0
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+    )
+
+
 def _make(base):
+    def attend(module, q, k, v, mask, scaling, kwargs):
+        if _packs(base, q, k, kwargs):
+            return decode_packed(q, k, v, mask, scaling), None
+        return base(module, q, k, v, mask, scaling=scaling, is_causal=mask is None, **kwargs)
+
     def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         found = kwargs.pop("pyramid", None)
         kwargs.pop("sliding_window", None)  # the layer's mask already limits the window
@@ -70,8 +104,7 @@ def _make(base):
         # one part for a plain layer; one per KV head (with its query group) where heads keep different shares
         for unit, q in parts:
             mask = unit.attention_mask(cache.step, q.shape[1])
-            causal = mask is None
-            outs.append(base(module, q, unit.keys, unit.values, mask, scaling=scaling, is_causal=causal, **kwargs))
+            outs.append(attend(module, q, unit.keys, unit.values, mask, scaling, kwargs))
         cache.after_attention(layer_idx, query, scaling)
         if len(outs) == 1:
             return outs[0]

@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from . import integration  # (integration imports this module too: names are looked up at call time)
 from .cache import PyramidCache
+from .positions import mask_positions
 from .schedule import describe
 
 
@@ -58,7 +59,7 @@ def prefill_rows(
                 f"runtime.prefill_rows: {name} must match input_ids' shape {tuple(input_ids.shape)}, got {_what(t)}"
             )
     if position_ids is None and attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        position_ids = mask_positions(attention_mask)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     out = in_row_chunks(
         lambda part: model(**part, logits_to_keep=logits_to_keep, use_cache=True), inputs, rows, input_ids.shape[0]

@@ -19,6 +19,12 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def test_mask_positions_count_each_rows_real_tokens():
+    ids, mask = left_pad(prompts(lengths=(5, 3, 1)))
+    assert runtime.mask_positions(mask).tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 0, 0, 0, 0]]
+    assert torch.equal(runtime.mask_positions(mask), _positions(mask))
+
+
 def _units(cache):
     return [u for layer in cache.layers for u in layer.units()]
 

@@ -45,17 +45,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
     return ids, mask
 
 
-def mask_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows (pads get 0), as `generate` computes them from the attention mask.
-
-    Every call here passes them explicitly: under runtime.apply `generate` does not compute any (the patched
-    forward hides its signature), and the runtime's own default counts pads, so a row would be shifted by its
-    padding in one call and not in the next.
-    """
-    pos = mask.long().cumsum(-1) - 1
-    return pos.masked_fill(mask == 0, 0)
-
-
 class Prefix:
     """Prompts (a left-padded batch) prefilled once with the full cache; `compressed` gives any schedule's cache.
 
@@ -85,8 +74,10 @@ class Prefix:
         return round(sum(self.lengths) / len(self.lengths))
 
     def _inputs(self) -> dict[str, torch.Tensor]:
-        # explicit positions, counted over each row's real tokens, here and in every later call (see mask_positions)
-        return {"attention_mask": self.mask, "position_ids": mask_positions(self.mask)} if self.padded else {}
+        # explicit positions, counted over each row's real tokens, here and in every later call: under
+        # runtime.apply `generate` computes none (the patched forward hides its signature), and the runtime's own
+        # default counts pads, so a row would be shifted by its padding in one call and not in the next
+        return {"attention_mask": self.mask, "position_ids": runtime.mask_positions(self.mask)} if self.padded else {}
 
     def _prefill(self, schedule: Schedule):
         with torch.inference_mode(), runtime.apply(self.model, schedule):
@@ -163,7 +154,7 @@ def generate_after(
         out = model.generate(
             full,
             attention_mask=mask,  # without it, generate under runtime.apply re-feeds the whole prompt
-            position_ids=mask_positions(mask),
+            position_ids=runtime.mask_positions(mask),
             cache=cache,
             max_new_tokens=steps,
             do_sample=False,
