@@ -51,8 +51,8 @@ def decode_packed(query, key, value, mask, scaling: float) -> torch.Tensor:
     """SDPA of one decode token per row with each KV head's query group packed as its query rows: query [B, Hq, 1,
     D] as [B, Hkv, G, D] against key/value [B, Hkv, T, D], mask None or [B, 1 or Hq, 1, T]. Returns [B, 1, Hq, D]
     as the attention functions do. It is what transformers' SDPA does for one token under a mask (`pack_gqa`);
-    with no mask it would take `enable_gqa` instead, which the CPU kernel runs slower (about 10% per layer at
-    SmolLM2's shape), and the runtime's layers mostly need no mask in decode."""
+    with no mask it would take `enable_gqa` instead, which the CPU kernel runs slower, and the runtime's layers
+    mostly need no mask in decode (`experiments.interleaved_steps --ones` measures the whole step against stock)."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
     q = query.reshape(b, hkv, hq // hkv, d)
