@@ -44,7 +44,7 @@ def rebuild(shipped: Schedule, profile: Profile) -> Schedule:
     """The schedule that `shipped`'s own trial parameters give on `profile`."""
     params = shipped.provenance["params"]
     space = Space(
-        budget=params["budget"],
+        budget=params.get("budget", shipped.budget),  # the trial's own (older schedules) or the schedule's
         context_length=shipped.context_length,
         profile=profile,
         model=shipped.model,

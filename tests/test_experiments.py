@@ -399,3 +399,65 @@ def test_minor_faults_count_pages_touched_for_the_first_time():
         fresh[p * mmap.PAGESIZE] = 1
     assert minor_faults() - before >= pages // 2  # transparent huge pages may map several at once
     fresh.close()
+
+
+def test_cut_continuations_score_their_tokens_as_the_whole_continuation_does():
+    """`profile_continuation.cut`: attention is causal, so each kept token's KL is the one the whole continuation
+    gave it (what makes the cut curves those of a profile with shorter windows)."""
+    from tiny_models import tiny_model
+
+    from calibrate import tasks
+    from calibrate.scoring import Evaluator, one_part_compressed
+    from experiments.profile_continuation import cut
+    from runtime.schedule import Schedule
+
+    model = tiny_model("llama", kv_heads=2)
+    windows = torch.randint(3, 128, (3, 112), generator=torch.Generator().manual_seed(0))
+    examples = tasks.text_examples(windows, 96)
+    full = Evaluator(model, examples, query_window=16, sinks=2)
+    short = Evaluator(model, cut(examples, 6), query_window=16, sinks=2)
+    sched = one_part_compressed(Schedule(ratios=[1.0] * full.layers, window=8, sinks=2), 1, 1, 0.2, 2)
+    for a, b in zip(full.rows(sched, from_layer=1), short.rows(sched, from_layer=1), strict=True):
+        assert b.kl.numel() == 5 and a.kl.numel() == 15
+        torch.testing.assert_close(b.kl, a.kl[:5], rtol=1e-4, atol=1e-9)
+        assert float(b.kl.sum()) > 0
+
+
+def test_profile_continuation_rebuilds_schedules_from_cut_text_curves(tiny_model_dir, shared_data, tmp_path, capsys):
+    """On a profile `calibrate run` just measured: the full-length check passes, the cut text curves replace the
+    profile's at the cut grid points only, and each schedule is rebuilt at its own KV."""
+    from calibrate.cli import main as calibrate
+    from experiments import profile_continuation
+    from runtime.schedule import load_schedule
+
+    out = tmp_path / "s.json"
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    argv = ["run", "--model", str(tiny_model_dir), "--data", str(text), "--quick", "--head-curves", "measured",
+            "--context-length", "128", "--budget", "0.4", "--trials", "4", "--out", str(out)]  # fmt: skip
+    assert calibrate(argv) == 0
+    stem, folder = str(tmp_path / "s"), tmp_path / "cut"
+    argv = [str(out), "--profile", stem, "--continuation", "16", "--full-at", "0.5", "--out-dir", str(folder)]
+    assert profile_continuation.main(argv) == 0
+    rebuilt, original = load_schedule(folder / "s.json"), load_schedule(out)
+    assert rebuilt.kv_fraction() == pytest.approx(original.kv_fraction(), abs=2e-2)
+    assert rebuilt.provenance["profile_change"] == {"text_continuation": 16, "full_at": [0.5]}
+    curves = json.loads((folder / "text_curves.json").read_text())["curves"]
+    assert 0.5 not in curves["grid"] and len(curves["grid"]) == 4 and len(curves["heads"][0]) == 2
+    assert "come back to" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--continuation 64"):
+        profile_continuation.main(
+            [str(out), "--profile", stem, "--continuation", "64", "--out-dir", str(tmp_path / "x")]
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_unit_cost_times_every_part_and_the_task_batchings_agree(tiny_model_dir, tmp_path, capsys):
+    from experiments import unit_cost
+
+    out = tmp_path / "u.json"
+    argv = ["--model", str(tiny_model_dir), "--context-length", "128", "--cut", "16", "--repeats", "1"]
+    assert unit_cost.main([*argv, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["part"] for row in r["rows"]] == ["text", "text cut to 16", "tasks in 4s", "tasks in one"]
+    assert all(row["seconds"] > 0 for row in r["rows"]) and r["task_kl_max_relative_difference"] < 1e-3
+    assert "| text cut to 16 |" in capsys.readouterr().out

@@ -198,3 +198,27 @@ def test_token_scores_keep_the_digits_of_tiny_kls():
     r32, z32 = torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1)
     naive = (r32.exp() * (r32 - z32)).sum(-1).double()
     assert float((naive - kl64).abs().max()) > 1e-8  # the float32 difference of log-softmaxes is not that close
+
+
+def test_the_calibration_tasks_score_in_one_batch_as_in_smaller_ones(smollm2):
+    """`CalibrationSet.evaluators` scores the default 6 retrieval tasks in one batch (cheaper than 4 + 2); every
+    row's scores are those of the smaller batches to float rounding (the batches' shapes differ; 2e-4 relative
+    here), per layer and per head, from the compressed layer on."""
+    from calibrate.data import CalibrationSet
+    from calibrate.settings import Settings
+
+    model, tok = smollm2
+    data = CalibrationSet(tok, Settings(context_length=256, calib_windows=1, valid_windows=1))
+    _, tasks = data.evaluators(model, "calibration", sinks=4)
+    assert len(tasks.examples) == 6 and len(tasks.batches) == 1
+    small = Evaluator(model, data.calib_tasks, query_window=64, sinks=4, batch_size=4)
+    assert len(small.batches) == 2
+    base = Schedule(ratios=[1.0] * small.layers, window=32, sinks=4)
+    for layer, head in ((3, None), (20, 2)):
+        sched = one_part_compressed(base, layer, head or 0, 0.05, 3 if head is not None else None)
+        one, two = tasks.rows(sched, from_layer=layer), small.rows(sched, from_layer=layer)
+        for a, b in zip(one, two, strict=True):
+            torch.testing.assert_close(a.kl, b.kl, rtol=1e-3, atol=1e-8)
+            torch.testing.assert_close(a.nll, b.nll, rtol=1e-4, atol=1e-5)
+            assert a.correct == b.correct
+        assert sum(float(r.kl.sum()) for r in one) > 0
