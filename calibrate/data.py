@@ -197,6 +197,8 @@ class CalibrationSet:
         length = s.context_length + s.continuation
         calib, valid = calibration_split_each(streams, length, s.calib_windows, s.valid_windows, s.seed)
         self.calib_text = tasks.text_examples(calib, s.context_length)
+        if s.profile_continuation is not None:  # the same windows, scored on fewer tokens
+            self.calib_text = tasks.cut_continuations(self.calib_text, s.profile_continuation)
         self.valid_text = tasks.text_examples(valid, s.context_length)
         self.calib_tasks = tasks.make_tasks(tokenizer, s.calib_tasks, s.context_length, s.task_continuation, s.seed)
         self.valid_tasks = tasks.make_tasks(
@@ -215,8 +217,9 @@ class CalibrationSet:
             "validation": (self.valid_text, self.valid_tasks),
         }[split]
         text_ev = Evaluator(model, text, query_window=64, sinks=sinks, progress=progress)
-        # a task feeds a few dozen tokens and scores a few: the default 6 in one batch take a little less time than
-        # in 4 + 2 (0.985x, experiments.unit_cost in docs/method.md), the same curves to float rounding
+        # a task feeds a few dozen tokens and scores a few, so even 8 rows' activations stay small: the default 6 in
+        # one batch are no slower than in 4 + 2 (experiments.unit_cost, docs/method.md), the same curves to float
+        # rounding
         task_ev = Evaluator(model, tasks, query_window=64, sinks=sinks, batch_size=TASK_BATCH) if tasks else None
         return text_ev, task_ev
 

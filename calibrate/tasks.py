@@ -7,6 +7,7 @@ the scored tokens. Variants: one key, several keys (ask for one), one name with 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -123,6 +124,12 @@ def text_examples(windows: torch.Tensor, context: int) -> list[Example]:
     m = windows.shape[1] - context
     scored = torch.ones(m, dtype=torch.bool)
     return [Example(w[:context], w[context:], scored) for w in windows]
+
+
+def cut_continuations(examples: list[Example], tokens: int) -> list[Example]:
+    """The same examples with only their first `tokens` continuation tokens. Attention is causal, so each kept
+    token scores what it did in the whole continuation: the examples a shorter continuation would have given."""
+    return [dataclasses.replace(e, continuation=e.continuation[:tokens], scored=e.scored[:tokens]) for e in examples]
 
 
 def filler_text(sentences: int, seed: int = 0) -> str:

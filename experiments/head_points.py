@@ -28,7 +28,7 @@ from calibrate.errors import CalibrateError
 from calibrate.head_curves import check_points, from_layer_shape, from_shares, head_shares
 from calibrate.profiling import Profile
 from calibrate.search_space import Space, schedule_of_params
-from calibrate.settings import head_points_from_arg
+from calibrate.settings import check_writable, head_points_from_arg
 from runtime.schedule import Schedule, load_schedule
 
 
@@ -44,13 +44,51 @@ def rebuild(shipped: Schedule, profile: Profile) -> Schedule:
     """The schedule that `shipped`'s own trial parameters give on `profile`."""
     params = shipped.provenance["params"]
     space = Space(
-        budget=params.get("budget", shipped.budget),  # the trial's own (older schedules) or the schedule's
+        # a multi-budget study pins each trial's budget in its parameters; a one-budget study's is the schedule's
+        budget=params.get("budget", shipped.budget),
         context_length=shipped.context_length,
         profile=profile,
         model=shipped.model,
         sinks=shipped.sinks,
     )
     return schedule_of_params(params, space)
+
+
+def shares(s: Schedule) -> list[list[float]]:
+    """Every KV head's share, or every layer's where the schedule has no per-head shares."""
+    return s.head_ratios if s.head_ratios is not None else [[r] for r in s.ratios]
+
+
+def rebuilt_from(paths: list[str], profile: Profile, stem: str, out_dir: str) -> list[tuple[str, Schedule]]:
+    """The schedules at `paths`, each checked to be rebuilt from `profile` (at `stem`) by its own parameters, so
+    that a changed profile is all that differs afterwards; and `out_dir` checked not to overwrite any of them.
+    Every check before any measuring or writing: a stopped run leaves nothing behind."""
+    out = []
+    for path in paths:
+        if (Path(out_dir) / Path(path).name).resolve() == Path(path).resolve():
+            raise SystemExit(f"error: --out-dir {out_dir} would overwrite {path}; choose another folder")
+        shipped = load_schedule(path)
+        if shares(rebuild(shipped, profile)) != shares(shipped):
+            raise SystemExit(f"error: {path} is not rebuilt from {stem} by its own parameters; give its own --profile")
+        out.append((path, shipped))
+    try:
+        check_writable(Path(out_dir) / "probe.json", "--out-dir")
+    except CalibrateError as e:
+        raise SystemExit(f"error: {e}") from None
+    return out
+
+
+def write_rebuilt(schedules: list[tuple[str, Schedule]], profile: Profile, provenance: dict, out_dir: str) -> None:
+    """Each schedule rebuilt by its own parameters on `profile`, with `provenance` added, written to `out_dir`."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, shipped in schedules:
+        new = rebuild(shipped, profile)
+        new.provenance = {**shipped.provenance, **provenance, "rebuilt_from": path}
+        target = folder / Path(path).name
+        new.save(target)
+        moved = max(abs(a - b) for ra, rb in zip(shares(new), shares(shipped), strict=True) for a, b in zip(ra, rb))
+        print(f"{target}: KV {new.kv_fraction():.4f}, largest head share change {moved:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         points = check_points(head_points_from_arg(args.points), prof.grid)
     except (CalibrateError, ValueError) as e:
         raise SystemExit(f"error: --points {args.points}: {e}") from None
+    shipped = rebuilt_from(args.schedules, prof, args.profile, args.out_dir)
     if args.fisher:
         estimate = json.loads(Path(args.fisher).read_text())
         est_heads, est_layers = torch.tensor(estimate["estimate_heads"]), torch.tensor(estimate["estimate_layers"])
@@ -91,25 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         heads = from_layer_shape(prof.parts, prof.head_parts[..., points], prof.grid, points)
         label = {"head_points": [prof.grid[g] for g in points]}
     sparse = dataclasses.replace(prof, head_parts=heads)
-    rebuilt = []
-    for path in args.schedules:  # every check before the first write: a stopped run leaves nothing behind
-        shipped = load_schedule(path)
-        again = rebuild(shipped, prof)
-        if again.head_ratios != shipped.head_ratios or again.ratios != shipped.ratios:
-            raise SystemExit(f"error: {path} is not rebuilt from {args.profile} by its own parameters; stop")
-        fewer = rebuild(shipped, sparse)
-        fewer.provenance = {**shipped.provenance, **label, "rebuilt_from": path}
-        rebuilt.append((path, shipped, fewer))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path, shipped, fewer in rebuilt:
-        target = out_dir / Path(path).name
-        fewer.save(target)
-        moved = max(
-            abs(a - b) for ra, rb in zip(fewer.head_ratios, shipped.head_ratios, strict=True) for a, b in zip(ra, rb)
-        )
-        print(f"{target}: KV {fewer.kv_fraction():.4f}, largest head share change {moved:.3f}")
-    print(json.dumps({**label, "out_dir": str(out_dir)}))
+    write_rebuilt(shipped, sparse, label, args.out_dir)
+    print(json.dumps({**label, "out_dir": args.out_dir}))
     return 0
 
 

@@ -18,29 +18,46 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
+
+import torch
 
 from calibrate.data import CalibrationSet
 from calibrate.models import load_model
 from calibrate.profiling import Profile, single_layer_kl
 from calibrate.progress import Progress
-from calibrate.scoring import Evaluator, Example
+from calibrate.scoring import Evaluator
 from calibrate.settings import Settings
+from calibrate.tasks import cut_continuations
 from runtime.families import model_info
-from runtime.schedule import Schedule, Selection, load_schedule, write_atomic
+from runtime.schedule import Schedule, write_atomic
 
-from .head_points import rebuild
-
-
-def cut(examples: list[Example], tokens: int) -> list[Example]:
-    """The same examples with only the first `tokens` continuation tokens (attention is causal, so the scores of
-    those tokens are the ones the full continuation gave them)."""
-    return [dataclasses.replace(e, continuation=e.continuation[:tokens], scored=e.scored[:tokens]) for e in examples]
+from . import check_out
+from .head_points import rebuilt_from, write_rebuilt
 
 
-def shares(s: Schedule) -> list[list[float]]:
-    """Every KV head's share, or every layer's where the schedule has no per-head shares."""
-    return s.head_ratios if s.head_ratios is not None else [[r] for r in s.ratios]
+def with_text_curves(prof: Profile, points: list[int], layers: torch.Tensor, heads: torch.Tensor) -> Profile:
+    """`prof` with its text curves at grid points `points` replaced by `layers` [L, n] and `heads` [L, H, n]; the
+    other points and the tasks' curves as they were, the mean over kinds recomputed."""
+    k = prof.part_names.index("text")
+    parts, head_parts = prof.parts.clone(), prof.head_parts.clone()
+    parts[k][:, points], head_parts[k][:, :, points] = layers, heads  # views of row k: they write into the clones
+    return dataclasses.replace(prof, parts=parts, head_parts=head_parts, sensitivity=parts.mean(0))
+
+
+def _grid_points(arg: str, grid: list[float]) -> list[int]:
+    """The grid points to cut: all but those `--full-at` names."""
+    try:
+        full_at = [float(x) for x in arg.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"error: --full-at {arg}: not a comma-separated list of ratios, e.g. --full-at 0.25,0.5"
+        ) from None
+    if any(r not in grid for r in full_at):
+        raise SystemExit(f"error: --full-at {arg}: every ratio must be one of the profile's grid {grid}")
+    points = [g for g, r in enumerate(grid) if r not in full_at]
+    if not points:
+        raise SystemExit(f"error: --full-at {arg} keeps the whole grid {grid}: nothing left to cut; leave one out")
+    return points
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,85 +72,81 @@ def main(argv: list[str] | None = None) -> int:
         help="grid ratios whose text curves keep the full continuation (e.g. 0.25,0.5: where the KL is smallest, so "
         "its estimate is noisiest); the others are cut",
     )
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="the rebuilt schedules go here")
+    p.add_argument("--out", help="also write the cut curves and how they compare with the profile's, as JSON")
     args = p.parse_args(argv)
+    check_out(args.out)
     prof = Profile.load(args.profile)
     if prof.head_parts is None or "text" not in prof.part_names:
-        raise SystemExit(f"error: --profile {args.profile} has no per-head text curves")
+        raise SystemExit(f"error: --profile {args.profile} has no per-head text curves; give one calibrated on --data")
+    if "head_curves" in prof.meta or prof.meta.get("head_points", prof.grid) != prof.grid:
+        raise SystemExit(
+            f"error: --profile {args.profile}: its head curves are not all measured (Fisher or --head-points); "
+            "give a profile measured at the defaults"
+        )
     saved = {k: v for k, v in prof.meta["settings"].items() if k in {f.name for f in dataclasses.fields(Settings)}}
     settings = Settings(**saved)
-    if not 1 < args.continuation < settings.continuation:
+    whole = settings.continuation
+    if not 2 <= args.continuation < whole:
         raise SystemExit(
-            f"error: --continuation {args.continuation}: must be between 2 and the profile's {settings.continuation}"
+            f"error: --continuation {args.continuation}: must be 2 to {whole - 1}, fewer than the profile's {whole} "
+            f"tokens, e.g. --continuation {whole // 2}"
         )
-    full_at = [float(x) for x in args.full_at.split(",") if x]
-    if any(r not in prof.grid for r in full_at):
-        raise SystemExit(f"error: --full-at {args.full_at}: every ratio must be one of the profile's grid {prof.grid}")
-    cut_points = [g for g, r in enumerate(prof.grid) if r not in full_at]
-    shipped = [(path, load_schedule(path)) for path in args.schedules]
-    for path, s in shipped:  # every check before measuring: a stopped run leaves nothing behind
-        if shares(rebuild(s, prof)) != shares(s):
-            raise SystemExit(f"error: {path} is not rebuilt from {args.profile} by its own parameters; stop")
-    model, tok = load_model(settings.model, settings.dtype, settings.device)
+    points = _grid_points(args.full_at, prof.grid)
+    shipped = rebuilt_from(args.schedules, prof, args.profile, args.out_dir)
+    model, tok = load_model(settings.model, settings.dtype, settings.device, settings.device_map)
     text = CalibrationSet(tok, settings).calib_text
-    layers = len(prof.compressible)
     heads = model_info(model).num_kv_heads
     k = prof.part_names.index("text")
-    base = Schedule(ratios=[1.0] * layers, window=settings.window, sinks=settings.sinks, selection=Selection())
+    base = Schedule(ratios=[1.0] * len(prof.compressible), window=settings.window, sinks=settings.sinks)
     progress = Progress()
 
-    # the profile's own windows? its last layer's curves, measured again at full length
-    last = [i == layers - 1 for i in range(layers)]
+    # the profile's own windows? its last compressible layer's curves, measured again at full length: float noise
+    # only (another torch, or an earlier equivalent path) where other windows would differ by far more
+    last = max(i for i, c in enumerate(prof.compressible) if c)
+    only = [i == last for i in range(len(prof.compressible))]
     full = Evaluator(model, text, query_window=64, sinks=settings.sinks)
-    again = single_layer_kl([full], base, last, prof.grid)[0, -1]
-    again_heads = single_layer_kl([full], base, last, prof.grid, heads=heads)[0, -1]
-    want, want_heads = prof.parts[k, -1], prof.head_parts[k, -1]
-    # float noise only (the profile may be from another torch or an earlier, equivalent path): other windows would
-    # differ by far more
-    drift = max(
-        float(((a - b).abs() / b.abs().clamp_min(1e-9)).max()) for a, b in ((again, want), (again_heads, want_heads))
-    )
+    again = single_layer_kl([full], base, only, prof.grid)[0, last]
+    again_heads = single_layer_kl([full], base, only, prof.grid, heads=heads)[0, last]
+    pairs = ((again, prof.parts[k, last]), (again_heads, prof.head_parts[k, last]))
+    drift = max(float(((a - b).abs() / (b.abs() + 1e-7)).max()) for a, b in pairs)
     if drift > 5e-3:
-        raise SystemExit(f"error: the last layer's text curves {again.tolist()} are not the profile's {want.tolist()}")
-    print(f"the profile's windows: its last layer's text curves come back to {drift:.1e} relative")
+        raise SystemExit(
+            f"error: --profile {args.profile}: layer {last}'s text curves measured again differ from the saved ones by "
+            f"{drift:.1e} relative: not the windows it was measured on (run from the folder it was calibrated in, "
+            "so that its --data paths resolve, with the same model)"
+        )
+    print(f"the profile's windows: layer {last}'s text curves come back to {drift:.1e} relative")
     del full
 
     t0 = time.perf_counter()
-    short = Evaluator(model, cut(text, args.continuation), query_window=64, sinks=settings.sinks)
-    grid = [prof.grid[g] for g in cut_points]
+    short = Evaluator(model, cut_continuations(text, args.continuation), query_window=64, sinks=settings.sinks)
+    grid = [prof.grid[g] for g in points]
     layer_curves = single_layer_kl([short], base, prof.compressible, grid, progress)[0]
     head_curves = single_layer_kl([short], base, prof.compressible, grid, progress, heads=heads)[0]
     seconds = time.perf_counter() - t0
     progress.close()
-    parts, head_parts = prof.parts.clone(), prof.head_parts.clone()
-    parts[k][:, cut_points], head_parts[k][:, :, cut_points] = layer_curves, head_curves  # views of row k
-    changed = dataclasses.replace(prof, parts=parts, head_parts=head_parts, sensitivity=parts.mean(0))
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # how the cut head curves compare with the whole continuation's, where both are above the noise floor
+    old = prof.head_parts[k][..., points]
+    above = (old > 1e-4) & (head_curves > 1e-4)
+    log_ratio = (head_curves[above] / old[above]).log()
+    full_at = [r for r in prof.grid if r not in grid]
     label = {"text_continuation": args.continuation, "full_at": full_at}
-    for path, s in shipped:
-        new = rebuild(s, changed)
-        new.provenance = {**s.provenance, "profile_change": label, "rebuilt_from": path}
-        target = out_dir / Path(path).name
-        new.save(target)
-        moved = max(abs(a - b) for ra, rb in zip(shares(new), shares(s), strict=True) for a, b in zip(ra, rb))
-        print(f"{target}: KV {new.kv_fraction():.4f}, largest head share change {moved:.3f}")
-    # how the cut curves compare with the full ones (where both are above the noise floor)
-    old = prof.head_parts[k][..., cut_points]
-    mask = old > 1e-4
-    log_ratio = (head_curves[mask] / old[mask]).log()
     summary = {
         **label,
         "seconds_text_curves": round(seconds, 1),
         "full_length_drift": drift,
-        "head_curve_log_ratio_median": round(float(log_ratio.median()), 4),
-        "head_curve_log_ratio_abs_p90": round(float(log_ratio.abs().quantile(0.9)), 4),
-        "out_dir": str(out_dir),
+        "head_curves_compared": int(above.sum()),
+        "head_curve_log_ratio_median": round(float(log_ratio.median()), 4) if above.any() else None,
+        "head_curve_log_ratio_abs_p90": round(float(log_ratio.abs().quantile(0.9)), 4) if above.any() else None,
         "curves": {"grid": grid, "layers": layer_curves.tolist(), "heads": head_curves.tolist()},
     }
-    write_atomic(out_dir / "text_curves.json", json.dumps(summary))
-    print(json.dumps({k: v for k, v in summary.items() if k != "curves"}))
+    write_rebuilt(shipped, with_text_curves(prof, points, layer_curves, head_curves), {"profile_change": label},
+                  args.out_dir)  # fmt: skip
+    if args.out:
+        write_atomic(args.out, json.dumps(summary) + "\n")
+    print(json.dumps({key: v for key, v in summary.items() if key != "curves"}))
     return 0
 
 

@@ -17,15 +17,17 @@ import json
 import statistics
 import time
 
+import torch
+
 from calibrate.data import TASK_BATCH, CalibrationSet
 from calibrate.models import load_model
 from calibrate.scoring import Evaluator, one_part_compressed
 from calibrate.settings import Settings
+from calibrate.tasks import cut_continuations
 from runtime.families import model_info
 from runtime.schedule import Schedule, Selection, write_atomic
 
 from . import check_out
-from .profile_continuation import cut
 
 UNITS = (0.2, 0.5, 0.8)  # depths of the timed units (as a share of the layers), KV head 1 of each at ratio 0.1
 
@@ -40,12 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_out(args.out)
     settings = Settings(model=args.model, context_length=args.context_length)
+    if not 2 <= args.cut < settings.continuation:
+        raise SystemExit(f"error: --cut {args.cut}: must be 2 to {settings.continuation - 1}, e.g. --cut 64")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats {args.repeats}: must be at least 1, e.g. --repeats 3")
     model, tok = load_model(args.model)
     data = CalibrationSet(tok, settings)
     sinks = settings.sinks
     evaluators = {
         "text": Evaluator(model, data.calib_text, query_window=64, sinks=sinks),
-        f"text cut to {args.cut}": Evaluator(model, cut(data.calib_text, args.cut), query_window=64, sinks=sinks),
+        f"text cut to {args.cut}": Evaluator(
+            model, cut_continuations(data.calib_text, args.cut), query_window=64, sinks=sinks
+        ),
         "tasks in 4s": Evaluator(model, data.calib_tasks, query_window=64, sinks=sinks, batch_size=4),
         "tasks in one": Evaluator(model, data.calib_tasks, query_window=64, sinks=sinks, batch_size=TASK_BATCH),
     }
@@ -72,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     agree = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(kls["tasks in one"], kls["tasks in 4s"], strict=True))
     result = {
         "context_length": args.context_length,
+        "threads": torch.get_num_threads(),
         "units": [{"layer": layer, "head": min(1, heads - 1), "ratio": 0.1} for layer in units],
         "rows": rows,
         "tasks_one_vs_4s": round(med["tasks in one"] / med["tasks in 4s"], 3),
-        "cut_vs_full": round((med[f"text cut to {args.cut}"] + med["tasks in one"]) / full, 3),
+        # both with the tasks as `calibrate` scores them (in one batch)
+        "cut_vs_full": round(
+            (med[f"text cut to {args.cut}"] + med["tasks in one"]) / (med["text"] + med["tasks in one"]), 3
+        ),
         "task_kl_max_relative_difference": agree,
     }
     print(f"| part ({len(units)} units, median of {args.repeats}) | seconds | share of text + tasks in 4s |")

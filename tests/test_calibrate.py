@@ -240,6 +240,29 @@ def test_no_search_water_fills_from_the_profile(tiny_model_dir, text, tmp_path):
     assert Profile.load(tmp_path / "l").head_parts is None
 
 
+def test_profile_continuation_scores_the_same_windows_on_fewer_tokens(tiny_model_dir, text, tmp_path):
+    """`--profile-continuation N`: the profile's text windows are the default's with only N continuation tokens (the
+    search's validation windows keep theirs); it is part of the profile's key, and leaving it out keeps the key of
+    every profile before the option."""
+    from transformers import AutoTokenizer
+
+    from calibrate.data import CalibrationSet
+    from calibrate.settings import Settings
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain = Settings(data=[str(text)], context_length=128)
+    cut = Settings(data=[str(text)], context_length=128, profile_continuation=16)
+    whole, fewer = CalibrationSet(tok, plain), CalibrationSet(tok, cut)
+    for a, b in zip(whole.calib_text, fewer.calib_text, strict=True):
+        assert torch.equal(a.context, b.context) and torch.equal(a.continuation[:16], b.continuation)
+        assert b.continuation.numel() == 16 and b.scored.numel() == 16
+    assert all(e.continuation.numel() == 128 for e in fewer.valid_text)
+    assert "profile_continuation" not in plain.keyed() and cut.key() != plain.key()
+    out = tmp_path / "c.json"
+    assert main(_args(tiny_model_dir, text, out, "--profile-continuation", "16", "--no-search")) == 0
+    assert Profile.load(tmp_path / "c").meta["settings"]["profile_continuation"] == 16
+
+
 def test_every_source_is_in_calibration_and_validation():
     import torch
 

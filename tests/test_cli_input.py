@@ -49,6 +49,8 @@ def test_reading_a_study_never_creates_a_database(command, tmp_path, capsys):
         (["--budget", "1.5"], "budget 1.5 is outside (0, 1]"),
         (["--storage", "notaurl"], "--storage 'notaurl' is not a database URL"),
         (["--calib-windows", "0"], "--calib-windows must be at least 1"),
+        (["--profile-continuation", "64"], "--profile-continuation 64: must be 2 to 63"),
+        (["--profile-continuation", "1"], "--profile-continuation 1: must be 2 to 63"),
     ],
 )
 def test_a_run_that_fails_on_its_inputs_creates_nothing(tiny_model_dir, text, tmp_path, capsys, extra, message):

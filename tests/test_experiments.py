@@ -402,20 +402,20 @@ def test_minor_faults_count_pages_touched_for_the_first_time():
 
 
 def test_cut_continuations_score_their_tokens_as_the_whole_continuation_does():
-    """`profile_continuation.cut`: attention is causal, so each kept token's KL is the one the whole continuation
+    """`tasks.cut_continuations`: attention is causal, so each kept token's KL is the one the whole continuation
     gave it (what makes the cut curves those of a profile with shorter windows)."""
     from tiny_models import tiny_model
 
     from calibrate import tasks
     from calibrate.scoring import Evaluator, one_part_compressed
-    from experiments.profile_continuation import cut
+    from calibrate.tasks import cut_continuations
     from runtime.schedule import Schedule
 
     model = tiny_model("llama", kv_heads=2)
     windows = torch.randint(3, 128, (3, 112), generator=torch.Generator().manual_seed(0))
     examples = tasks.text_examples(windows, 96)
     full = Evaluator(model, examples, query_window=16, sinks=2)
-    short = Evaluator(model, cut(examples, 6), query_window=16, sinks=2)
+    short = Evaluator(model, cut_continuations(examples, 6), query_window=16, sinks=2)
     sched = one_part_compressed(Schedule(ratios=[1.0] * full.layers, window=8, sinks=2), 1, 1, 0.2, 2)
     for a, b in zip(full.rows(sched, from_layer=1), short.rows(sched, from_layer=1), strict=True):
         assert b.kl.numel() == 5 and a.kl.numel() == 15
@@ -424,9 +424,11 @@ def test_cut_continuations_score_their_tokens_as_the_whole_continuation_does():
 
 
 def test_profile_continuation_rebuilds_schedules_from_cut_text_curves(tiny_model_dir, shared_data, tmp_path, capsys):
-    """On a profile `calibrate run` just measured: the full-length check passes, the cut text curves replace the
-    profile's at the cut grid points only, and each schedule is rebuilt at its own KV."""
+    """On a profile `calibrate run` just measured: the full-length check passes, cut text curves are measured at the
+    cut grid points, and each schedule is rebuilt at its own KV; a profile whose saved curves are not what its
+    windows give is refused before anything is written, and so is an --out-dir over the input."""
     from calibrate.cli import main as calibrate
+    from calibrate.profiling import Profile
     from experiments import profile_continuation
     from runtime.schedule import load_schedule
 
@@ -437,18 +439,48 @@ def test_profile_continuation_rebuilds_schedules_from_cut_text_curves(tiny_model
     assert calibrate(argv) == 0
     stem, folder = str(tmp_path / "s"), tmp_path / "cut"
     argv = [str(out), "--profile", stem, "--continuation", "16", "--full-at", "0.5", "--out-dir", str(folder)]
-    assert profile_continuation.main(argv) == 0
+    assert profile_continuation.main([*argv, "--out", str(tmp_path / "c.json")]) == 0
     rebuilt, original = load_schedule(folder / "s.json"), load_schedule(out)
     assert rebuilt.kv_fraction() == pytest.approx(original.kv_fraction(), abs=2e-2)
     assert rebuilt.provenance["profile_change"] == {"text_continuation": 16, "full_at": [0.5]}
-    curves = json.loads((folder / "text_curves.json").read_text())["curves"]
-    assert 0.5 not in curves["grid"] and len(curves["grid"]) == 4 and len(curves["heads"][0]) == 2
+    curves = json.loads((tmp_path / "c.json").read_text())["curves"]
+    prof = Profile.load(stem)
+    assert curves["grid"] == prof.grid[:4] and len(curves["heads"][0]) == 2
+    assert torch.tensor(curves["heads"]).ne(prof.head_parts[0][..., :4]).any()  # measured again, on fewer tokens
     assert "come back to" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--continuation 64"):
-        profile_continuation.main(
-            [str(out), "--profile", stem, "--continuation", "64", "--out-dir", str(tmp_path / "x")]
-        )
+    bad = [str(out), "--profile", stem, "--out-dir", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match="--continuation 64: must be 2 to 63"):
+        profile_continuation.main([*bad, "--continuation", "64"])
+    with pytest.raises(SystemExit, match="nothing left to cut"):
+        profile_continuation.main([*bad, "--continuation", "16", "--full-at", ",".join(map(str, prof.grid))])
+    with pytest.raises(SystemExit, match="would overwrite"):
+        profile_continuation.main([str(out), "--profile", stem, "--continuation", "16", "--out-dir", str(tmp_path)])
+    prof.parts[0, -1] *= 1.5  # saved curves that the windows do not give back
+    prof.save(tmp_path / "moved")
+    with pytest.raises(SystemExit, match="differ from the saved ones"):
+        profile_continuation.main([str(out), "--profile", str(tmp_path / "moved"), "--continuation", "16",
+                                   "--out-dir", str(tmp_path / "x")])  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_profile_continuation_replaces_only_the_text_curves_at_the_cut_points():
+    from calibrate.profiling import Profile
+    from experiments.profile_continuation import with_text_curves
+
+    g = torch.Generator().manual_seed(0)
+    parts, heads = torch.rand(2, 3, 5, generator=g), torch.rand(2, 3, 2, 5, generator=g)
+    zeros = torch.zeros(3, 5)
+    prof = Profile(grid=[0.02, 0.05, 0.1, 0.25, 0.5], windows=[8], recall=zeros, overlap=zeros,
+                   window_recall=torch.zeros(3, 1), sensitivity=parts.mean(0), compressible=[True] * 3,
+                   parts=parts, part_names=["retrieval", "text"], head_parts=heads)  # fmt: skip
+    new_layers, new_heads = torch.full((3, 3), 7.0), torch.full((3, 2, 3), 9.0)
+    changed = with_text_curves(prof, [0, 1, 3], new_layers, new_heads)
+    assert torch.equal(changed.parts[1][:, [0, 1, 3]], new_layers)
+    assert torch.equal(changed.head_parts[1][:, :, [0, 1, 3]], new_heads)
+    assert torch.equal(changed.parts[1][:, [2, 4]], parts[1][:, [2, 4]])  # the full-length points stay
+    assert torch.equal(changed.parts[0], parts[0]) and torch.equal(changed.head_parts[0], heads[0])  # tasks stay
+    torch.testing.assert_close(changed.sensitivity, changed.parts.mean(0))
+    assert torch.equal(prof.parts, parts) and not torch.equal(changed.parts, parts)  # the input is not modified
 
 
 def test_unit_cost_times_every_part_and_the_task_batchings_agree(tiny_model_dir, tmp_path, capsys):
