@@ -69,9 +69,9 @@ def add_calibration_args(p) -> None:
         "--profile-continuation",
         type=int,
         metavar="N",
-        help="the profile scores only the first N tokens of each text window's continuation (default all 128, quick "
-        "64); on SmolLM2 64 make each measurement 0.68x as long, for held-out KL within 3%% at budgets 0.2-0.3 and "
-        "8-11%% more at 0.5",
+        help="the profile scores only the first N tokens of each text window's continuation (default: all of them, "
+        "128, or 64 under --quick; N must be fewer); on SmolLM2 64 make each measurement 0.68x as long, for "
+        "held-out KL within 3%% at budgets 0.2-0.3 and 8-11%% more at 0.5",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,17 @@ class Settings:
         return hashlib.sha256(json.dumps(self.keyed(), sort_keys=True).encode()).hexdigest()[:12]
 
     def difference(self, other: dict[str, Any]) -> str:
-        """The keyed fields where `other` (saved settings) differs, e.g. "context_length 512 (now 1024)"."""
+        """The keyed fields where `other` (saved settings) differs, e.g. "context_length 512 (now 1024)"; both
+        sides keyed alike, so that an option given on one side only is named too."""
         mine = self.keyed()
-        changed = [k for k in mine if other.get(k, mine[k]) != mine[k] or k not in other]
-        return ", ".join(f"{k} {other.get(k, 'unset')!r} (now {mine[k]!r})" for k in changed) or "none"
+        known = {f.name for f in fields(Settings)}
+        try:
+            theirs = Settings(**{k: v for k, v in other.items() if k in known}).keyed()
+        except TypeError:  # unreadable saved settings: compare them as they are
+            theirs = dict(other)
+        keys = list(mine) + [k for k in theirs if k not in mine]
+        changed = [k for k in keys if k not in self.NOT_IN_KEY and theirs.get(k, "unset") != mine.get(k, "unset")]
+        return ", ".join(f"{k} {theirs.get(k, 'unset')!r} (now {mine.get(k, 'unset')!r})" for k in changed) or "none"
 
 
 def from_args(args) -> Settings:

@@ -61,30 +61,41 @@ def shares(s: Schedule) -> list[list[float]]:
 
 def rebuilt_from(paths: list[str], profile: Profile, stem: str, out_dir: str) -> list[tuple[str, Schedule]]:
     """The schedules at `paths`, each checked to be rebuilt from `profile` (at `stem`) by its own parameters, so
-    that a changed profile is all that differs afterwards; and `out_dir` checked not to overwrite any of them.
-    Every check before any measuring or writing: a stopped run leaves nothing behind."""
+    that a changed profile is all that differs afterwards; and their targets in `out_dir` checked to be writable,
+    distinct, and none of the inputs. Every check before any measuring or writing: a stopped run leaves nothing
+    behind."""
+    inputs = {Path(path).resolve() for path in paths}
+    targets: set[Path] = set()
     out = []
     for path in paths:
-        if (Path(out_dir) / Path(path).name).resolve() == Path(path).resolve():
-            raise SystemExit(f"error: --out-dir {out_dir} would overwrite {path}; choose another folder")
+        target = Path(out_dir) / Path(path).name
+        if target.resolve() in inputs:
+            raise SystemExit(f"error: --out-dir {out_dir} would overwrite the input {target}; choose another folder")
+        if target.resolve() in targets:
+            raise SystemExit(f"error: two schedules would both be written to {target}; rebuild them in two runs")
+        targets.add(target.resolve())
+        try:
+            check_writable(target, "--out-dir")
+        except CalibrateError as e:
+            raise SystemExit(f"error: {e}") from None
         shipped = load_schedule(path)
         if shares(rebuild(shipped, profile)) != shares(shipped):
             raise SystemExit(f"error: {path} is not rebuilt from {stem} by its own parameters; give its own --profile")
         out.append((path, shipped))
-    try:
-        check_writable(Path(out_dir) / "probe.json", "--out-dir")
-    except CalibrateError as e:
-        raise SystemExit(f"error: {e}") from None
     return out
 
 
 def write_rebuilt(schedules: list[tuple[str, Schedule]], profile: Profile, provenance: dict, out_dir: str) -> None:
-    """Each schedule rebuilt by its own parameters on `profile`, with `provenance` added, written to `out_dir`."""
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Each schedule rebuilt by its own parameters on `profile`, with `provenance` added, written to `out_dir`
+    (every one rebuilt before the first is written)."""
+    rebuilt = []
     for path, shipped in schedules:
         new = rebuild(shipped, profile)
         new.provenance = {**shipped.provenance, **provenance, "rebuilt_from": path}
+        rebuilt.append((path, shipped, new))
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, shipped, new in rebuilt:
         target = folder / Path(path).name
         new.save(target)
         moved = max(abs(a - b) for ra, rb in zip(shares(new), shares(shipped), strict=True) for a, b in zip(ra, rb))

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "context_length": args.context_length,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "units": [{"layer": layer, "head": min(1, heads - 1), "ratio": 0.1} for layer in units],
         "rows": rows,
         "tasks_one_vs_4s": round(med["tasks in one"] / med["tasks in 4s"], 3),

@@ -82,6 +82,18 @@ def test_search_refuses_a_profile_made_with_other_settings(tiny_model_dir, text,
     assert not out.exists() and not out.with_suffix(".optuna.db").exists()
 
 
+def test_the_settings_difference_names_an_option_given_on_one_side_only():
+    """What `calibrate search` says of a profile measured with other settings names an option that only one side
+    gave (the key leaves out options at their defaults), and nothing for settings saved before an option existed."""
+    from calibrate.settings import Settings
+
+    assert Settings().difference(Settings(profile_continuation=64).__dict__) == "profile_continuation 64 (now 'unset')"
+    assert Settings(profile_continuation=64).difference(Settings().__dict__) == "profile_continuation 'unset' (now 64)"
+    before = {k: v for k, v in Settings().__dict__.items() if k != "profile_continuation"}
+    assert Settings().difference(before) == "none"
+    assert Settings(context_length=512).difference(before) == "context_length 1024 (now 512)"
+
+
 def _interrupt_when(cmd: list[str], ready, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run `cmd`, send it Ctrl-C (SIGINT) as soon as `ready()` holds, and return what it printed."""
     # a background job's children inherit SIGINT ignored (CI may run us so): give the command Ctrl-C back

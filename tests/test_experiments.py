@@ -321,6 +321,13 @@ def test_head_points_rebuilds_the_shipped_schedules_and_keeps_their_memory(tmp_p
     assert fewer.head_ratios != original.head_ratios
     assert fewer.kv_fraction() == pytest.approx(original.kv_fraction(), abs=1e-3)
     assert fewer.provenance["head_points"] == [0.02, 0.1, 0.5]
+    copy = tmp_path / "copy" / shipped.name
+    copy.parent.mkdir()
+    copy.write_text(shipped.read_text())
+    with pytest.raises(SystemExit, match="both be written to"):
+        head_points.main([str(shipped), str(copy), "--profile", stem, "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="would overwrite the input"):
+        head_points.main([str(copy), "--profile", stem, "--out-dir", str(copy.parent)])
     with pytest.raises(SystemExit, match="--points 0.3"):
         head_points.main([str(shipped), "--profile", stem, "--points", "0.3", "--out-dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
@@ -455,6 +462,12 @@ def test_profile_continuation_rebuilds_schedules_from_cut_text_curves(tiny_model
         profile_continuation.main([*bad, "--continuation", "16", "--full-at", ",".join(map(str, prof.grid))])
     with pytest.raises(SystemExit, match="would overwrite"):
         profile_continuation.main([str(out), "--profile", stem, "--continuation", "16", "--out-dir", str(tmp_path)])
+    prof.meta["settings"]["profile_continuation"] = 16  # a profile already cut: nothing to compare against
+    prof.save(tmp_path / "cut_already")
+    with pytest.raises(SystemExit, match="was measured with --profile-continuation 16"):
+        profile_continuation.main([str(out), "--profile", str(tmp_path / "cut_already"), "--continuation", "8",
+                                   "--out-dir", str(tmp_path / "x")])  # fmt: skip
+    prof.meta["settings"]["profile_continuation"] = None
     prof.parts[0, -1] *= 1.5  # saved curves that the windows do not give back
     prof.save(tmp_path / "moved")
     with pytest.raises(SystemExit, match="differ from the saved ones"):
@@ -478,6 +491,7 @@ def test_profile_continuation_replaces_only_the_text_curves_at_the_cut_points():
     assert torch.equal(changed.parts[1][:, [0, 1, 3]], new_layers)
     assert torch.equal(changed.head_parts[1][:, :, [0, 1, 3]], new_heads)
     assert torch.equal(changed.parts[1][:, [2, 4]], parts[1][:, [2, 4]])  # the full-length points stay
+    assert torch.equal(changed.head_parts[1][:, :, [2, 4]], heads[1][:, :, [2, 4]])
     assert torch.equal(changed.parts[0], parts[0]) and torch.equal(changed.head_parts[0], heads[0])  # tasks stay
     torch.testing.assert_close(changed.sensitivity, changed.parts.mean(0))
     assert torch.equal(prof.parts, parts) and not torch.equal(changed.parts, parts)  # the input is not modified
