@@ -69,6 +69,12 @@ class Settings:
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
+    @classmethod
+    def saved(cls, settings: dict[str, Any]) -> Settings:
+        """The settings a profile or schedule saved (`__dict__`), less any field this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in known})
+
     def keyed(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in self.NOT_IN_KEY}
         if out["head_points"] == list(GRID):  # the whole grid, as every profile before the option: same key
@@ -89,9 +95,8 @@ class Settings:
         """The keyed fields where `other` (saved settings) differs, e.g. "context_length 512 (now 1024)"; both
         sides keyed alike, so that an option given on one side only is named too."""
         mine = self.keyed()
-        known = {f.name for f in fields(Settings)}
         try:
-            theirs = Settings(**{k: v for k, v in other.items() if k in known}).keyed()
+            theirs = Settings.saved(other).keyed()
         except TypeError:  # unreadable saved settings: compare them as they are
             theirs = dict(other)
         keys = list(mine) + [k for k in theirs if k not in mine]
@@ -137,15 +142,20 @@ def from_args(args) -> Settings:
             f"--fisher-samples {kw['fisher_samples']} sets the samples of --head-curves fisher, which this run does "
             "not use; add --head-curves fisher (or --quick) or drop --fisher-samples"
         )
-    cut, whole = settings.profile_continuation, settings.continuation
-    if cut is not None and not 2 <= cut < whole:
-        raise CalibrateError(
-            f"--profile-continuation {cut}: must be 2 to {whole - 1}, fewer than a text window's {whole} continuation "
-            "tokens; leave it out to score all of them"
-        )
+    if settings.profile_continuation is not None:
+        check_cut(settings.profile_continuation, settings.continuation, "--profile-continuation",
+                  "leave it out to score all of them")  # fmt: skip
     if settings.context_length < 64:
         raise CalibrateError(f"--context-length {settings.context_length} is too short; use at least 64 tokens")
     return settings
+
+
+def check_cut(cut: int, whole: int, flag: str, fix: str) -> None:
+    """A continuation cut to its first `cut` tokens must keep 2 or more and fewer than its `whole`."""
+    if not 2 <= cut < whole:
+        raise CalibrateError(
+            f"{flag} {cut}: must be 2 to {whole - 1}, fewer than a text window's {whole} continuation tokens; {fix}"
+        )
 
 
 def head_points_from_arg(text: str | None) -> list[float] | None:

@@ -22,11 +22,12 @@ import time
 import torch
 
 from calibrate.data import CalibrationSet
+from calibrate.errors import CalibrateError
 from calibrate.models import load_model
 from calibrate.profiling import Profile, single_layer_kl
 from calibrate.progress import Progress
 from calibrate.scoring import Evaluator
-from calibrate.settings import Settings
+from calibrate.settings import Settings, check_cut
 from calibrate.tasks import cut_continuations
 from runtime.families import model_info
 from runtime.schedule import Schedule, write_atomic
@@ -89,14 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --profile {args.profile} was measured with --profile-continuation "
             f"{prof.meta['settings']['profile_continuation']}; give a profile that scored every continuation token"
         )
-    saved = {k: v for k, v in prof.meta["settings"].items() if k in {f.name for f in dataclasses.fields(Settings)}}
-    settings = Settings(**saved)
-    whole = settings.continuation
-    if not 2 <= args.continuation < whole:
-        raise SystemExit(
-            f"error: --continuation {args.continuation}: must be 2 to {whole - 1}, fewer than the profile's {whole} "
-            f"tokens, e.g. --continuation {whole // 2}"
-        )
+    settings = Settings.saved(prof.meta["settings"])
+    try:
+        check_cut(args.continuation, settings.continuation, "--continuation", f"e.g. {settings.continuation // 2}")
+    except CalibrateError as e:
+        raise SystemExit(f"error: {e}") from None
     points = _grid_points(args.full_at, prof.grid)
     shipped = rebuilt_from(args.schedules, prof, args.profile, args.out_dir)
     model, tok = load_model(settings.model, settings.dtype, settings.device, settings.device_map)

@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from calibrate.data import TASK_BATCH, CalibrationSet
+from calibrate.data import CalibrationSet
+from calibrate.errors import CalibrateError
 from calibrate.models import load_model
 from calibrate.scoring import Evaluator, one_part_compressed
-from calibrate.settings import Settings
+from calibrate.settings import Settings, check_cut
 from calibrate.tasks import cut_continuations
 from runtime.families import model_info
 from runtime.schedule import Schedule, Selection, write_atomic
@@ -42,20 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_out(args.out)
     settings = Settings(model=args.model, context_length=args.context_length)
-    if not 2 <= args.cut < settings.continuation:
-        raise SystemExit(f"error: --cut {args.cut}: must be 2 to {settings.continuation - 1}, e.g. --cut 64")
+    try:
+        check_cut(args.cut, settings.continuation, "--cut", "e.g. --cut 64")
+    except CalibrateError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats {args.repeats}: must be at least 1, e.g. --repeats 3")
     model, tok = load_model(args.model)
     data = CalibrationSet(tok, settings)
     sinks = settings.sinks
+    text, tasks = data.evaluators(model, "calibration", sinks)  # what the profile scores, as it builds them
     evaluators = {
-        "text": Evaluator(model, data.calib_text, query_window=64, sinks=sinks),
+        "text": text,
         f"text cut to {args.cut}": Evaluator(
             model, cut_continuations(data.calib_text, args.cut), query_window=64, sinks=sinks
         ),
         "tasks in 4s": Evaluator(model, data.calib_tasks, query_window=64, sinks=sinks, batch_size=4),
-        "tasks in one": Evaluator(model, data.calib_tasks, query_window=64, sinks=sinks, batch_size=TASK_BATCH),
+        "tasks in one": tasks,
     }
     layers = evaluators["text"].layers
     heads = model_info(model).num_kv_heads
