@@ -57,13 +57,13 @@ def add_calibration_args(p) -> None:
         choices=["measured", "fisher"],
         help="how per-head curves are obtained: 'measured' (default), a forward per head and grid ratio; 'fisher', "
         "each measured layer curve split over its heads by a second-order estimate from a few backward passes "
-        "(on SmolLM2 --quick without it took 2.4x as long; held-out KL 0.96-1.10x; the default with --quick)",
+        "(on SmolLM2 --quick without it took 2.3x as long; held-out KL 0.97-1.10x; the default with --quick)",
     )
     p.add_argument(
         "--fisher-samples",
         type=int,
-        help="gradient samples per batch of --head-curves fisher (default 48, quick 24: on SmolLM2 --quick 82 s "
-        "instead of 106 s, the same held-out KL)",
+        help="gradient samples per batch of --head-curves fisher (default 48, quick 24: on SmolLM2 --quick 81 s "
+        "instead of 89 s, for 4-7%% more held-out KL)",
     )
     p.add_argument(
         "--profile-continuation",

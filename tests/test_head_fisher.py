@@ -9,7 +9,7 @@ from test_scoring import examples
 from tiny_models import tiny_model
 
 from calibrate.head_curves import from_shares
-from calibrate.head_fisher import attention_output, fisher_kl
+from calibrate.head_fisher import attention_output, draw, fisher_kl
 from calibrate.scoring import Evaluator, one_part_compressed
 from runtime.schedule import Schedule
 
@@ -69,6 +69,20 @@ def test_estimate_is_the_measured_kl_for_small_changes(setup):
             for h in range(2):
                 measured = ev.score(one_part_compressed(base, layer, h, ratio, 2)).kl
                 assert float(heads[0, layer, h, g]) == pytest.approx(measured, rel=0.15)
+
+
+def test_draws_follow_each_rows_distribution():
+    """Inverting the cumulative distribution draws token i of a row with its probability (as torch.multinomial
+    does), never a token of probability 0, and the same tokens again from the same seed."""
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    n = 20_000
+    cdf = probs.double().cumsum(-1).repeat(n, 1)
+    y = draw(cdf, torch.Generator().manual_seed(0)).view(n, 3)
+    assert torch.equal(y, draw(cdf, torch.Generator().manual_seed(0)).view(n, 3))
+    for row in range(3):
+        freq = torch.bincount(y[:, row], minlength=5).double() / n
+        assert freq[probs[row] == 0].sum() == 0
+        assert torch.allclose(freq, probs[row].double(), atol=4 * (0.25 / n) ** 0.5)  # 4 standard errors at most
 
 
 def test_estimate_reruns_the_same(setup):
