@@ -16,7 +16,7 @@ from runtime.schedule import kept_tokens
 
 def prefilled(model, schedule: Schedule, length: int = 90):
     with runtime.apply(model, schedule):
-        return model(prompts(lengths=(length,))[0]).past_key_values
+        return runtime.cache_of(model(prompts(lengths=(length,))[0]))
 
 
 def test_kept_per_row_counts_each_heads_real_tokens():

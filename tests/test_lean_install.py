@@ -36,7 +36,7 @@ with runtime.apply(model, schedule):
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True)
 assert out.sequences.shape == (2, 204), out.sequences.shape
-assert 0 < runtime.kv_bytes(out.past_key_values)
+assert 0 < runtime.kv_bytes(runtime.cache_of(out))
 leaked = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in BLOCKED)
 assert not leaked, leaked
 print("served", out.sequences.shape[1] - 200, "tokens")

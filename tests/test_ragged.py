@@ -33,7 +33,7 @@ def masked_reference(model, ctx, schedule: Schedule):
     n = model.config.num_hidden_layers
     probe = Schedule(ratios=[1.0] * n, window=schedule.window, sinks=schedule.sinks)
     with runtime.apply(model, probe):
-        cache = model(ctx).past_key_values
+        cache = runtime.cache_of(model(ctx))
     cache = cache.fork(probe)
     for layer, shares in zip(cache.layers, schedule.head_ratios, strict=True):
         if not layer.plan_compressible:
@@ -51,7 +51,7 @@ def test_each_head_holds_exactly_its_share(family):
     heads = layer_heads(model)
     sched = head_schedule(heads)
     with runtime.apply(model, sched):
-        cache = model(prompts(lengths=(90,))[0]).past_key_values
+        cache = runtime.cache_of(model(prompts(lengths=(90,))[0]))
     plan = runtime.families.layer_plan(model)
     expected_bytes = 0
     for i, (layer, (compressible, _)) in enumerate(zip(cache.layers, plan, strict=True)):
@@ -76,8 +76,8 @@ def test_fork_of_a_compressed_ragged_cache_continues_like_the_original():
     sched = head_schedule(layer_heads(model))
     ctx, cont = prompts(lengths=(80, 20))
     with runtime.apply(model, sched):
-        expected = model(cont, cache=model(ctx).past_key_values).logits
-        source = model(ctx).past_key_values
+        expected = model(cont, cache=runtime.cache_of(model(ctx))).logits
+        source = runtime.cache_of(model(ctx))
         forked = source.fork(sched)
         assert [type(a) for a in forked.layers] == [type(b) for b in source.layers]
         assert any(isinstance(layer, RaggedLayer) for layer in forked.layers)
@@ -98,7 +98,7 @@ def test_measured_kv_fraction_counts_each_heads_tokens():
     sched = head_schedule(layer_heads(model))
     ids, mask = left_pad(list(prompts(lengths=(90, 60))))
     with runtime.apply(model, sched):
-        cache = model(ids, attention_mask=mask).past_key_values
+        cache = runtime.cache_of(model(ids, attention_mask=mask))
     assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
     plan = runtime.families.layer_plan(model)
     measured = row_kv_fractions(cache, plan, [90, 60])
@@ -115,11 +115,11 @@ def test_ragged_heads_equal_the_masked_rectangular_form(family):
     masked = masked_reference(model, ctx, sched)
     with runtime.apply(model, sched):
         expected = model(cont, cache=masked).logits
-        real = model(ctx).past_key_values
+        real = runtime.cache_of(model(ctx))
         got_real = model(cont, cache=real).logits
     n = model.config.num_hidden_layers
     with runtime.apply(model, Schedule(ratios=[1.0] * n, window=sched.window, sinks=sched.sinks)):
-        base = model(ctx).past_key_values
+        base = runtime.cache_of(model(ctx))
     forked = base.fork(sched)
     forked.compress_now()
     assert any(isinstance(layer, RaggedLayer) for layer in forked.layers)
@@ -143,7 +143,7 @@ def test_padded_batch_equals_each_row_alone_with_head_shares(family, mode):
         for i, row in enumerate(rows):
             alone = model.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=40, **GREEDY)
             assert torch.equal(out.sequences[i, ids.shape[1] :], alone[0, row.shape[1] :]), f"row {i} differs"
-    cache = out.past_key_values
+    cache = runtime.cache_of(out)
     ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
     assert ragged and all(layer.heads[0].stored() != layer.heads[1].stored() for layer in ragged)
 
@@ -203,7 +203,7 @@ def test_flat_decode_storage_equals_head_by_head_appends(family, mode, monkeypat
                 ids, attention_mask=mask, max_new_tokens=21, return_dict_in_generate=True, **GREEDY
             )
     assert torch.equal(runs[True].sequences, runs[False].sequences)
-    simple, flat = runs[False].past_key_values, runs[True].past_key_values
+    simple, flat = runtime.cache_of(runs[False]), runtime.cache_of(runs[True])
     ragged = [i for i, layer in enumerate(flat.layers) if isinstance(layer, RaggedLayer)]
     assert ragged and all(flat.layers[i]._flat is not None for i in ragged)  # the flat path ran
     for i in range(len(flat.layers)):
@@ -222,7 +222,7 @@ def test_a_trim_step_frees_the_old_flat_buffers(mode):
     ids, mask = left_pad(prompts())
     with runtime.apply(model, sched):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=17, return_dict_in_generate=True, **GREEDY)
-    cache = out.past_key_values  # 16 decode steps: the last one trimmed every compressed layer
+    cache = runtime.cache_of(out)  # 16 decode steps: the last one trimmed every compressed layer
     ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
     assert ragged
     for layer in ragged:
@@ -244,7 +244,7 @@ def test_batch_operations_move_each_rows_slots_and_queries():
             return model.generate(ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True, **GREEDY)
 
     runs = [decoded() for _ in range(3)]
-    base, swapped, cycled = (r.past_key_values for r in runs)
+    base, swapped, cycled = (runtime.cache_of(r) for r in runs)
     swap = torch.tensor([1, 0])
     swapped.reorder_cache(swap)
     cycled.batch_repeat_interleave(2)

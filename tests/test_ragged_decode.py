@@ -95,7 +95,7 @@ def test_generation_with_the_kernel_equals_the_per_head_path(family, monkeypatch
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for a, b in zip(runs[True].scores, runs[False].scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    split = [layer for layer in runs[True].past_key_values.layers if isinstance(layer, RaggedLayer)]
+    split = [layer for layer in runtime.cache_of(runs[True]).layers if isinstance(layer, RaggedLayer)]
     # Mistral's window (48) is shorter than the prompt: its layers stay on the per-head path, which masks the window
     windowed = [layer for layer in split if layer.heads[0].sliding_window is not None]
     assert split and len(calls) == (len(split) - len(windowed)) * 23  # every decode step after the prefill

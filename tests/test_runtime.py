@@ -65,7 +65,7 @@ def test_padded_batch_equals_each_row_alone(family, mode, per_head, decode):
             alone = model.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=40, **GREEDY)
             assert torch.equal(batch_new[i], alone[0, row.shape[1] :]), f"row {i} differs"
     # rows of different lengths keep different numbers of tokens
-    layer = out.past_key_values.layers[-1]
+    layer = runtime.cache_of(out).layers[-1]
     kept = layer.valid[:, 0].sum(-1)
     assert kept[0] > kept[1]
 
@@ -77,7 +77,7 @@ def test_stored_lengths_follow_schedule_after_prefill(family):
     ids = prompts(lengths=(90,))[0]
     with runtime.apply(model, sched):
         out = model(ids)
-    cache = out.past_key_values
+    cache = runtime.cache_of(out)
     expected = sched.kept_tokens(90)
     plan = runtime.families.layer_plan(model)
     for i, (layer, (compressible, window)) in enumerate(zip(cache.layers, plan, strict=True)):
@@ -113,9 +113,9 @@ def test_continuation_in_one_chunk_equals_token_by_token(family):
     sched = schedule_for(model, decode=Decode(interval=64))
     context, cont = prompts(lengths=(80, 20))
     with runtime.apply(model, sched):
-        c1 = model(context).past_key_values
+        c1 = runtime.cache_of(model(context))
         chunk = model(cont, cache=c1).logits[0]
-        c2 = model(context).past_key_values
+        c2 = runtime.cache_of(model(context))
         steps = torch.cat([model(cont[:, i : i + 1], cache=c2).logits[0] for i in range(cont.shape[1])])
     torch.testing.assert_close(chunk, steps, rtol=1e-4, atol=1e-4)
 
@@ -127,7 +127,7 @@ def test_sinks_and_window_survive_long_generation():
     with runtime.apply(model, sched):
         out = model.generate(ids, max_new_tokens=512, min_new_tokens=512, return_dict_in_generate=True, **GREEDY)
     total = 64 + 512 - 1  # the last token is never fed back
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(runtime.cache_of(out).layers):
         pos = layer.pos[0]
         for h in range(pos.shape[0]):
             kept = set(pos[h][layer.valid[0, h]].tolist())
@@ -146,7 +146,7 @@ def test_hard_cap_bounds_every_layer():
     sched = schedule_for(model, ratios=[1.0, 0.9, 0.9, 0.9], decode=Decode(interval=8, max_tokens=60))
     with runtime.apply(model, sched):
         out = model.generate(prompts(lengths=(50,))[0], max_new_tokens=100, return_dict_in_generate=True, **GREEDY)
-    lengths = out.past_key_values.stored_lengths()
+    lengths = runtime.cache_of(out).stored_lengths()
     assert lengths[0] == 50 + 99
     assert all(n < 60 + 8 for n in lengths[1:])
 
@@ -179,8 +179,8 @@ def test_half_precision_runs_and_shrinks(dtype):
     ids, mask = left_pad(prompts(lengths=(300, 250)))  # long enough that the spare room of a layer is small
     with runtime.apply(model, sched):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True, **GREEDY)
-    assert out.past_key_values.layers[0].keys.dtype == dtype
-    assert runtime.kv_bytes(out.past_key_values) < sum(
+    assert runtime.cache_of(out).layers[0].keys.dtype == dtype
+    assert runtime.kv_bytes(runtime.cache_of(out)) < sum(
         2 * 2 * 2 * (ids.shape[1] + 7) * 16 * dtype.itemsize for _ in range(4)
     )
 
@@ -214,11 +214,11 @@ def test_forked_probe_compressed_now_equals_a_real_prefill(family):
     probe = Schedule(ratios=[1.0] * n, window=16, sinks=target.sinks)
     ctx, cont = prompts(lengths=(80, 12))
     with runtime.apply(model, target):
-        real = model(ctx).past_key_values
+        real = runtime.cache_of(model(ctx))
         kept = [(layer.pos, layer.valid) for layer in real.layers]  # before the continuation extends them
         expected = model(cont, cache=real).logits
     with runtime.apply(model, probe):
-        base = model(ctx).past_key_values
+        base = runtime.cache_of(model(ctx))
     forked = base.fork(target)
     forked.compress_now()
     for (pos, valid), b in zip(kept, forked.layers, strict=True):
@@ -234,14 +234,14 @@ def test_recent_and_random_selection_baselines():
     ids = prompts(lengths=(100,))[0]
     recent = schedule_for(model, ratios=[0.2] * 4, selection=Selection(method="recent"))
     with runtime.apply(model, recent):
-        cache = model(ids).past_key_values
+        cache = runtime.cache_of(model(ids))
     kept = cache.layers[0].pos[0, 0].tolist()
     k = recent.kept_tokens(100)[0]
     assert kept == [0, 1] + list(range(100 - (k - 2), 100))  # sinks + the newest tokens (StreamingLLM)
     rnd = schedule_for(model, ratios=[0.2] * 4, selection=Selection(method="random"))
     with runtime.apply(model, rnd):
-        a = model(ids).past_key_values.layers[0].pos
-        b = model(ids).past_key_values.layers[0].pos
+        a = runtime.cache_of(model(ids)).layers[0].pos
+        b = runtime.cache_of(model(ids)).layers[0].pos
     assert torch.equal(a, b) and a[0, 0].tolist() != kept  # repeatable, and not the recency choice
 
 
@@ -268,7 +268,7 @@ def test_forks_and_their_source_never_write_into_each_other():
     ones = Schedule(ratios=[1.0] * model.config.num_hidden_layers, window=16, sinks=4)
     ctx, a, b = prompts(lengths=(40, 6, 5))
     with runtime.apply(model, ones):
-        base = model(ctx).past_key_values
+        base = runtime.cache_of(model(ctx))
         first, second = base.fork(ones), base.fork(ones)
         model(a, cache=first)
         model(b, cache=second)
@@ -339,7 +339,7 @@ def _decode_steps(model, ids, mask, steps, pad_at, cache=None):
     """Feed `steps` greedy tokens one call at a time (explicit positions); row 0's token at step `pad_at` is
     padding (mask 0). Returns each step's logits [B, V] and the cache."""
     out = model(ids, attention_mask=mask, cache=cache)
-    cache, logits = out.past_key_values, []
+    cache, logits = runtime.cache_of(out), []
     nxt = out.logits[:, -1:].argmax(-1)
     for step in range(steps):
         col = torch.ones(ids.shape[0], 1, dtype=mask.dtype)
@@ -427,7 +427,7 @@ def test_a_plain_decode_step_reads_nothing_back_from_the_device(monkeypatch):
     monkeypatch.setattr(LateFlag, "read", untrapped_read)
     with runtime.apply(model, sched), torch.inference_mode():
         out = model(ids, attention_mask=mask)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = runtime.cache_of(out), out.logits[:, -1:].argmax(-1)
         for _ in range(4):  # the schedule trims every 32 tokens: none of these steps trims
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
             trapping[0] = True

@@ -220,8 +220,8 @@ def test_apply_takes_a_schedule_path(llama, tmp_path: Path, as_path):
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     with runtime.apply(llama, as_path(_schedule_file(llama, tmp_path))):
         out = llama(input_ids=ids)
-    assert isinstance(out.past_key_values, runtime.PyramidCache)
-    assert out.past_key_values.get_seq_length() == 40
+    assert isinstance(runtime.cache_of(out), runtime.PyramidCache)
+    assert runtime.cache_of(out).get_seq_length() == 40
 
 
 @pytest.mark.parametrize(

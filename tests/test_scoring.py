@@ -81,7 +81,7 @@ def test_a_fork_into_room_writes_the_room_and_not_the_source_slots():
     ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
     ones = Schedule(ratios=[1.0] * model.config.num_hidden_layers, window=4, sinks=2)
     with runtime.apply(model, ones), torch.inference_mode():
-        src = model(ids).past_key_values
+        src = runtime.cache_of(model(ids))
         src.reserve(8)
         (held,) = runtime.inspect.kept(src, 0)
         keys = held.keys.clone()
