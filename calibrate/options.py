@@ -57,13 +57,14 @@ def add_calibration_args(p) -> None:
         choices=["measured", "fisher"],
         help="how per-head curves are obtained: 'measured' (default), a forward per head and grid ratio; 'fisher', "
         "each measured layer curve split over its heads by a second-order estimate from a few backward passes "
-        "(on SmolLM2 --quick without it took 2.3x as long; held-out KL 0.97-1.10x; the default with --quick)",
+        "(on SmolLM2 --quick without it took 2.3x as long as with --fisher-samples 48; held-out KL 0.97-1.10x; "
+        "the default with --quick)",
     )
     p.add_argument(
         "--fisher-samples",
         type=int,
         help="gradient samples per batch of --head-curves fisher (default 48, quick 24: on SmolLM2 --quick 81 s "
-        "instead of 89 s, for 4-7%% more held-out KL)",
+        "instead of 89 s, for 4-8%% more held-out KL)",
     )
     p.add_argument(
         "--profile-continuation",

@@ -61,7 +61,7 @@ class Settings:
     def quick(cls, **kw: Any) -> Settings:
         base = dict(context_length=512, continuation=64, calib_windows=2, valid_windows=2, calib_tasks=3, valid_tasks=3)
         # the preset's per-head curves are estimated from 24 samples per batch (calibrate run --quick on SmolLM2: 81 s,
-        # 89 s with 48 for 4-7% less held-out KL, run one after the other; docs/method.md), unless they are to be
+        # 89 s with 48 for 4-8% less held-out KL, run one after the other; docs/method.md), unless they are to be
         # measured at chosen points or skipped
         if kw.get("head_points") is None and kw.get("per_head", True):
             base["head_curves"] = "fisher"
