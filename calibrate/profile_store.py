@@ -20,6 +20,7 @@ from runtime.schedule import write_atomic
 
 from .errors import CalibrateError
 from .settings import Settings
+from .unit_pool import workers_for
 
 # the Fisher head pass's time over the layer curves' (calibrate run --head-curves fisher on SmolLM2, 2 cores: about
 # 145 s against 136 s, read off its progress bars): only the time estimate printed before the head phase
@@ -138,7 +139,8 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
             head_work = FISHER_COST * settings.fisher_samples / profile.SAMPLES
         else:
             head_work = kv_heads * len(settings.head_points) / len(profile.GRID)
-    report = _estimate(progress, partial, total, sum(compressible), head_work)
+    workers = workers_for(settings.profile_workers, model.device.type, settings.device_map)
+    report = _estimate(progress, partial, total, sum(compressible), head_work, workers)
 
     prof = profile.measure(
         model,
@@ -152,22 +154,24 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         window=settings.window,
         progress=report,
         checkpoint=partial,
+        workers=workers,
     )
     prof.meta.update(
         settings_key=settings.key(),
         settings=settings.__dict__,
         data=data.describe(),
         seconds=round(time.perf_counter() - t0, 1),
+        workers=workers,
     )
     prof.save(stem)
     partial.remove()
     return prof
 
 
-def _estimate(progress, partial: PartialProfile, total: int, layers: int, head_work: float = 0.0):
-    """The progress callback of a profile: moves its bars and, once one curve was measured (not resumed),
-    prints about how long the curves left will take."""
-    # units are measured in order, so the resumed ones are the first of each phase
+def _estimate(progress, partial: PartialProfile, total: int, layers: int, head_work: float = 0.0, workers: int = 1):
+    """The progress callback of a profile: moves its bars and, once one curve per worker was measured (not
+    resumed), prints about how long the curves left will take."""
+    # the resumed units are reported first in each phase, then the measuring starts (a report at the same count)
     resumed = {"layer sensitivity": sum(k.startswith("layer.") for k in partial.tensors),
                "head sensitivity": sum(k.startswith("head.") for k in partial.tensors)}  # fmt: skip
     clock: dict[str, Any] = {"start": None, "told": False}
@@ -180,6 +184,8 @@ def _estimate(progress, partial: PartialProfile, total: int, layers: int, head_w
         start = clock["start"]
         if start is None or start[0] != phase or start[2] == done:  # the pace is taken within one phase
             clock["start"] = (phase, now, done, work[0])
+            return
+        if done - start[2] < workers:  # workers finish their first curves together: wait for each one's
             return
         pace = (now - start[1]) / max(work[0] - start[3], 1e-9)  # seconds per unit of work
         finished = 1 + done + (layers if phase == "head sensitivity" else 0)  # the recall pass counts as one

@@ -27,6 +27,7 @@ import runtime
 import runtime.inspect
 from runtime.schedule import Schedule, Selection, group_heads, heads_compressible, write_atomic
 
+from . import unit_pool
 from .allocate import equal_weight
 from .head_curves import check_points, from_layer_shape, from_shares
 from .head_fisher import SAMPLES, fisher_kl
@@ -349,6 +350,7 @@ def measure(
     head_points: Sequence[float] | None = None,
     head_curves: str = "measured",
     fisher_samples: int = SAMPLES,
+    workers: int = 1,
 ) -> Profile:
     """Recall curves on the evaluator's examples, then single-layer (and, with `per_head`, single-head)
     sensitivity curves.
@@ -360,6 +362,7 @@ def measure(
     ratios at which head curves are measured (None: all); the others come from the layer curve's shape
     (`head_curves.from_layer_shape`), and `meta["head_points"]` records which were measured. `head_curves`
     "fisher": the per-head curves split each measured layer curve by `head_fisher.fisher_kl`'s estimate instead.
+    `workers`: processes that measure the sensitivity curves (`unit_pool`; the recall and Fisher passes run here).
     """
     selection = selection or Selection()
     layers = evaluator.layers
@@ -371,7 +374,7 @@ def measure(
     )
     base = Schedule(ratios=[1.0] * layers, window=window, sinks=sinks, selection=selection)
     evaluators = [evaluator, *also]
-    parts = single_layer_kl(evaluators, base, compressible, grid, progress, checkpoint=checkpoint)
+    parts = single_layer_kl(evaluators, base, compressible, grid, progress, checkpoint=checkpoint, workers=workers)
     kv_heads = runtime.families.model_info(model).num_kv_heads
     head_parts = None
     points = check_points(head_points, grid) if head_points is not None else list(range(len(grid)))
@@ -383,7 +386,14 @@ def measure(
         head_meta = {"head_curves": {"method": "fisher", "samples": fisher_samples}}
     elif per_head and kv_heads > 1:
         measured = single_layer_kl(
-            evaluators, base, compressible, [grid[g] for g in points], progress, heads=kv_heads, checkpoint=checkpoint
+            evaluators,
+            base,
+            compressible,
+            [grid[g] for g in points],
+            progress,
+            heads=kv_heads,
+            checkpoint=checkpoint,
+            workers=workers,
         )
         head_parts = from_layer_shape(parts, measured, grid, points)
         head_meta = {"head_points": [grid[g] for g in points]}
@@ -440,10 +450,12 @@ def single_layer_kl(
     progress: Callable[[str, int, int], None] | None = None,
     heads: int | None = None,
     checkpoint: Checkpoint | None = None,
+    workers: int = 1,
 ) -> torch.Tensor:
     """[K, L, G]: per evaluator, the KL per token when only layer l keeps grid[g] of its context (base elsewhere,
     which must keep every token); with `heads`, [K, L, H, G]: only KV head h of layer l is compressed.
-    Each unit's curves [K, G] are taken from `checkpoint` when it holds them, and saved to it when measured."""
+    Each unit's curves [K, G] are taken from `checkpoint` when it holds them, and saved to it when measured;
+    `workers` processes measure them (`unit_pool`)."""
     layers = len(compressible)
     units = [(layer, h) for layer in range(layers) if compressible[layer] for h in (range(heads) if heads else [0])]
     out = torch.zeros(len(evaluators), layers, heads or 1, len(grid))
@@ -451,20 +463,36 @@ def single_layer_kl(
     # a curve runs layers l.. and the LM head (about a sixth of the layers' cost here): its share of the work
     cost = [layers - layer + layers / 6 for layer, _ in units]
     total_cost = sum(cost)
-    for done, (layer, h) in enumerate(units, 1):
-        name = curve_name(layer, h if heads else None)
-        saved = checkpoint.get(name) if checkpoint else None
-        if saved is not None and saved.shape == out[:, layer, h].shape:
-            out[:, layer, h] = saved
-        else:
-            for gi, ratio in enumerate(grid):
-                for k, ev in enumerate(evaluators):
-                    # only this layer is compressed: the continuation runs from it on (exact, and cheaper)
-                    out[k, layer, h, gi] = ev.score(
-                        one_part_compressed(base, layer, h, ratio, heads), from_layer=layer
-                    ).kl
-            if checkpoint:
-                checkpoint.put({name: out[:, layer, h].clone()})
+
+    def curves(unit: tuple[int, int]) -> torch.Tensor:  # [K, G]
+        layer, h = unit
+        got = torch.zeros(len(evaluators), len(grid))
+        for gi, ratio in enumerate(grid):
+            for k, ev in enumerate(evaluators):
+                # only this layer is compressed: the continuation runs from it on (exact, and cheaper)
+                got[k, gi] = ev.score(one_part_compressed(base, layer, h, ratio, heads), from_layer=layer).kl
+        return got
+
+    done = {"units": 0, "work": 0.0}
+
+    def finished(unit: tuple[int, int], got: torch.Tensor, measured: bool = True) -> None:
+        layer, h = unit
+        out[:, layer, h] = got
+        if checkpoint and measured:
+            checkpoint.put({curve_name(layer, h if heads else None): got.clone()})
+        done["units"] += 1
+        done["work"] += cost[units.index(unit)]
         if progress:
-            progress(phase, done, len(units), work=(sum(cost[:done]), total_cost))
+            progress(phase, done["units"], len(units), work=(done["work"], total_cost))
+
+    todo = []
+    for unit in units:
+        saved = checkpoint.get(curve_name(unit[0], unit[1] if heads else None)) if checkpoint else None
+        if saved is not None and saved.shape == out[:, unit[0], unit[1]].shape:
+            finished(unit, saved, measured=False)
+        else:
+            todo.append(unit)
+    if progress and todo:  # the clock of the phase's pace starts when its measuring does
+        progress(phase, done["units"], len(units), work=(done["work"], total_cost))
+    unit_pool.run(todo, curves, finished, workers)
     return out if heads else out[:, :, 0]

@@ -15,6 +15,7 @@ from runtime.schedule import ScheduleError
 from .errors import CalibrateError
 from .head_fisher import SAMPLES as FISHER_SAMPLES
 from .profiling import GRID
+from .unit_pool import workers_for
 
 # the quick preset's gradient samples per batch: half the default's, the preset's time goal (calibrate run --quick
 # <= 90 s on 2 cores); what it costs in held-out KL is in docs/method.md
@@ -53,9 +54,10 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None  # accelerate's placement for a model larger than one device (not part of the key)
+    profile_workers: int | None = None  # processes measuring the curves (None: auto, `unit_pool`; not in the key)
     argv: list[str] | None = None  # the command line, for the record (not part of the key)
 
-    NOT_IN_KEY = ("device", "device_map", "argv")
+    NOT_IN_KEY = ("device", "device_map", "profile_workers", "argv")
 
     @classmethod
     def quick(cls, **kw: Any) -> Settings:
@@ -121,7 +123,10 @@ def from_args(args) -> Settings:
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
+        profile_workers=getattr(args, "profile_workers", None),
     )
+    if kw["profile_workers"] is not None:  # the conflicts that show before the model is loaded ("auto": after)
+        workers_for(kw["profile_workers"], "cpu" if kw["device"] == "auto" else kw["device"], kw["device_map"])
     if args.no_per_head and kw["head_points"] is not None:
         raise CalibrateError("--head-points says where to measure per-head curves, --no-per-head skips them; give one")
     if kw["head_curves"] == "fisher" and args.no_per_head:

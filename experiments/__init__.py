@@ -13,3 +13,19 @@ def check_out(out: str | None) -> None:
             check_writable(Path(out))
         except CalibrateError as e:
             raise SystemExit(f"error: {e}") from None
+
+
+def default_profile_evaluators():
+    """SmolLM2 (float32, CPU) and the evaluators of what `calibrate run` profiles by default, with the schedule
+    that keeps every token: (model, evaluators, base schedule)."""
+    from calibrate.data import CalibrationSet
+    from calibrate.models import load_model
+    from calibrate.settings import Settings
+    from runtime.schedule import Schedule
+
+    model, tok = load_model(None, "float32", "cpu")
+    settings = Settings()
+    data = CalibrationSet(tok, settings)
+    evaluators = [ev for ev in data.evaluators(model, "calibration", settings.sinks) if ev is not None]
+    base = Schedule(ratios=[1.0] * evaluators[0].layers, window=settings.window, sinks=settings.sinks)
+    return model, evaluators, base

@@ -15,14 +15,11 @@ import argparse
 import json
 import time
 
-from calibrate.data import CalibrationSet
-from calibrate.models import load_model
 from calibrate.profiling import GRID
 from calibrate.scoring import Evaluator, one_part_compressed
-from calibrate.settings import Settings
-from runtime.schedule import Schedule, write_atomic
+from runtime.schedule import write_atomic
 
-from . import check_out
+from . import check_out, default_profile_evaluators
 
 
 def curve_seconds(evaluators, base, layer: int, head: int | None, heads: int, from_layer: int, into_room=True):
@@ -39,12 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     args = p.parse_args(argv)
     check_out(args.out)
-    model, tok = load_model(None, "float32", "cpu")
-    settings = Settings()
-    data = CalibrationSet(tok, settings)
-    evaluators = [ev for ev in data.evaluators(model, "calibration", settings.sinks) if ev is not None]
+    model, evaluators, base = default_profile_evaluators()
     layers, heads = evaluators[0].layers, model.config.num_key_value_heads
-    base = Schedule(ratios=[1.0] * layers, window=settings.window, sinks=settings.sinks)
     rows = []
     for layer in args.layers:
         for head in (None, 1):

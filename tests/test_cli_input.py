@@ -51,6 +51,8 @@ def test_reading_a_study_never_creates_a_database(command, tmp_path, capsys):
         (["--calib-windows", "0"], "--calib-windows must be at least 1"),
         (["--profile-continuation", "64"], "--profile-continuation 64: must be 2 to 63"),
         (["--profile-continuation", "1"], "--profile-continuation 1: must be 2 to 63"),
+        (["--profile-workers", "0"], "--profile-workers 0: give at least 1"),
+        (["--profile-workers", "2", "--device", "cuda"], "--profile-workers 2: worker processes measure on the CPU"),
     ],
 )
 def test_a_run_that_fails_on_its_inputs_creates_nothing(tiny_model_dir, text, tmp_path, capsys, extra, message):
