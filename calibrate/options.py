@@ -57,13 +57,13 @@ def add_calibration_args(p) -> None:
         choices=["measured", "fisher"],
         help="how per-head curves are obtained: 'measured' (default), a forward per head and grid ratio; 'fisher', "
         "each measured layer curve split over its heads by a second-order estimate from a few backward passes "
-        "(on SmolLM2 --quick without it took 2.3x as long as with --fisher-samples 48; held-out KL 0.97-1.10x; "
+        "(on SmolLM2 --quick without it took 1.95x as long as with --fisher-samples 48; held-out KL 0.97-1.10x; "
         "the default with --quick)",
     )
     p.add_argument(
         "--fisher-samples",
         type=int,
-        help="gradient samples per batch of --head-curves fisher (default 48, quick 24: on SmolLM2 --quick 81 s "
+        help="gradient samples per batch of --head-curves fisher (default 48, quick 24: on SmolLM2 --quick 77 s "
         "instead of 89 s, for 4-8%% more held-out KL)",
     )
     p.add_argument(
@@ -78,14 +78,6 @@ def add_calibration_args(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
-    p.add_argument(
-        "--profile-workers",
-        type=int,
-        metavar="N",
-        help="processes that measure the profile's sensitivity curves on the CPU, each on cores/N threads (default: "
-        "one per core, up to 4; 1 on a GPU); on 2 cores 2 workers measured SmolLM2's head curves 1.08x as fast "
-        "as one process",
-    )
     p.add_argument(
         "--quick", action="store_true", help="small preset (512-token windows, fewer of them, --head-curves fisher)"
     )
@@ -111,4 +103,16 @@ def add_search_args(p) -> None:
         metavar="SCHEDULE",
         help="schedule files written by an earlier calibration: their search parameters are tried first, beside "
         "the baselines (recalibrating after an upgrade then never loses the old best on validation)",
+    )
+
+
+def add_profile_workers_arg(p) -> None:
+    """What `run` and `profile` add: how many processes measure the curves (`unit_pool`)."""
+    p.add_argument(
+        "--profile-workers",
+        type=int,
+        metavar="N",
+        help="processes that measure the profile's sensitivity curves on the CPU, on one thread each, at most "
+        "--threads (default on Linux: one per thread, up to 8; 1 on a GPU); on 2 cores 2 workers measured "
+        "SmolLM2's head curves 1.08x as fast as one process on 2 threads",
     )

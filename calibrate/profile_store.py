@@ -125,6 +125,8 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
         print(f"resuming profile: {done} of {total} curves done ({partial_path})")
     elif partial.discarded:
         print(f"profile: {partial_path} was measured with other settings or is unreadable; starting afresh")
+    # checked before the prefill: "--device auto" may have put the model on a GPU
+    workers = workers_for(settings.profile_workers, model.device.type, settings.device_map)
     t0 = time.perf_counter()
 
     def prefill(phase: str, i: int, n: int) -> None:
@@ -139,7 +141,6 @@ def load_or_measure(model, settings: Settings, data, stem: Path, progress):
             head_work = FISHER_COST * settings.fisher_samples / profile.SAMPLES
         else:
             head_work = kv_heads * len(settings.head_points) / len(profile.GRID)
-    workers = workers_for(settings.profile_workers, model.device.type, settings.device_map)
     report = _estimate(progress, partial, total, sum(compressible), head_work, workers)
 
     prof = profile.measure(
@@ -185,8 +186,8 @@ def _estimate(progress, partial: PartialProfile, total: int, layers: int, head_w
         if start is None or start[0] != phase or start[2] == done:  # the pace is taken within one phase
             clock["start"] = (phase, now, done, work[0])
             return
-        if done - start[2] < workers:  # workers finish their first curves together: wait for each one's
-            return
+        if done - start[2] < min(workers, n - start[2]):  # workers finish their first curves together: wait
+            return  # for each one's
         pace = (now - start[1]) / max(work[0] - start[3], 1e-9)  # seconds per unit of work
         finished = 1 + done + (layers if phase == "head sensitivity" else 0)  # the recall pass counts as one
         left_work = work[1] - work[0] + (head_work * work[1] if phase == "layer sensitivity" else 0.0)

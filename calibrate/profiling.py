@@ -482,7 +482,7 @@ def single_layer_kl(
             checkpoint.put({curve_name(layer, h if heads else None): got.clone()})
         done["units"] += 1
         done["work"] += cost[units.index(unit)]
-        if progress:
+        if progress and measured:
             progress(phase, done["units"], len(units), work=(done["work"], total_cost))
 
     todo = []
@@ -492,7 +492,7 @@ def single_layer_kl(
             finished(unit, saved, measured=False)
         else:
             todo.append(unit)
-    if progress and todo:  # the clock of the phase's pace starts when its measuring does
+    if progress:  # the resumed units at once, then the measured ones: the pace counts only these
         progress(phase, done["units"], len(units), work=(done["work"], total_cost))
     unit_pool.run(todo, curves, finished, workers)
     return out if heads else out[:, :, 0]

@@ -62,8 +62,8 @@ class Settings:
     @classmethod
     def quick(cls, **kw: Any) -> Settings:
         base = dict(context_length=512, continuation=64, calib_windows=2, valid_windows=2, calib_tasks=3, valid_tasks=3)
-        # the preset's per-head curves are estimated from 24 samples per batch (calibrate run --quick on SmolLM2: 81 s,
-        # 89 s with 48 for 4-8% less held-out KL, run one after the other; docs/method.md), unless they are to be
+        # the preset's per-head curves are estimated from 24 samples per batch (calibrate run --quick on SmolLM2: 77 s,
+        # 89 s with 48 for 4-8% less held-out KL, side by side; docs/method.md), unless they are to be
         # measured at chosen points or skipped
         if kw.get("head_points") is None and kw.get("per_head", True):
             base["head_curves"] = "fisher"
@@ -126,7 +126,8 @@ def from_args(args) -> Settings:
         profile_workers=getattr(args, "profile_workers", None),
     )
     if kw["profile_workers"] is not None:  # the conflicts that show before the model is loaded ("auto": after)
-        workers_for(kw["profile_workers"], "cpu" if kw["device"] == "auto" else kw["device"], kw["device_map"])
+        device = "cpu" if kw["device"] == "auto" else kw["device"]
+        workers_for(kw["profile_workers"], device, kw["device_map"], getattr(args, "threads", None))
     if args.no_per_head and kw["head_points"] is not None:
         raise CalibrateError("--head-points says where to measure per-head curves, --no-per-head skips them; give one")
     if kw["head_curves"] == "fisher" and args.no_per_head:

@@ -1,5 +1,5 @@
-"""Sensitivity curves measured by one process on every core against worker processes of one thread each, side by
-side, on what `calibrate run` profiles by default.
+"""Sensitivity curves measured by one process on all of torch's threads against worker processes sharing them,
+side by side, on what `calibrate run` profiles by default.
 
     python -m experiments.profile_workers [--workers 2] [--layers 0 7 14 22 29] [--rounds 3] \\
         [--out docs/results/profile_workers_smollm2.json]
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"{result['units']} head curves: one process on {threads} threads {t1:.1f} s, {args.workers} workers of "
-        f"{max(1, threads // args.workers)} thread(s) {tn:.1f} s (medians of {args.rounds}): {t1 / tn:.3f}x; "
+        f"1 thread {tn:.1f} s (medians of {args.rounds}): {t1 / tn:.3f}x; "
         f"curves agree to {rel:.1e} (relative)"
     )
     if args.out:

@@ -229,9 +229,32 @@ def test_the_profiles_time_estimate_counts_the_head_phase_from_the_layer_pace(mo
     clock = iter([0.0, 10.0])
     monkeypatch.setattr(profile_store.time, "perf_counter", lambda: next(clock))
     report = profile_store._estimate(lambda *a, **k: None, Fresh(), total=6, layers=4, head_work=0.5)
-    report("layer sensitivity", 1, 4, work=(4.0, 10.0))
-    report("layer sensitivity", 2, 4, work=(7.0, 10.0))  # 10 s for 3 units: 3 left + 0.5 x 10 of the heads
-    assert capsys.readouterr().out.startswith("profile: about 0.4 min for the 3 curves left")
+    report("layer sensitivity", 0, 4, work=(0.0, 10.0))  # the measuring starts
+    report("layer sensitivity", 1, 4, work=(4.0, 10.0))  # 10 s for 4 units: 6 left + 0.5 x 10 of the heads
+    assert capsys.readouterr().out.startswith("profile: about 0.5 min for the 4 curves left")
+
+
+@pytest.mark.parametrize("resumed, told", [(0, "about 0.2 min for the 3 curves left"),
+                                           (3, "about 0.3 min for the 1 curves left")])  # fmt: skip
+def test_with_workers_the_estimate_waits_for_each_workers_first_curve(monkeypatch, capsys, resumed, told):
+    """Two workers finish their first curves about together: the pace is taken once both did (or, with one curve
+    left to measure, once it is done)."""
+    from calibrate import profile_store
+
+    class Partial:
+        tensors = {f"layer.{i}": None for i in range(resumed)}
+
+    clock = iter([0.0, 10.0, 11.0] if not resumed else [0.0, 11.0])
+    monkeypatch.setattr(profile_store.time, "perf_counter", lambda: next(clock))
+    report = profile_store._estimate(lambda *a, **k: None, Partial(), total=6, layers=4, head_work=0.5, workers=2)
+    if not resumed:
+        report("layer sensitivity", 0, 4, work=(0.0, 10.0))
+        report("layer sensitivity", 1, 4, work=(4.0, 10.0))  # the first worker's curve: not told yet
+        report("layer sensitivity", 2, 4, work=(7.0, 10.0))  # 11 s for 7 units: 3 left + 5 of the heads
+    else:
+        report("layer sensitivity", 3, 4, work=(7.0, 10.0))  # 3 resumed, 1 to measure
+        report("layer sensitivity", 4, 4, work=(10.0, 10.0))  # 11 s for 3 units: 0 left + 5 of the heads
+    assert capsys.readouterr().out.startswith(f"profile: {told}")
 
 
 @pytest.fixture(scope="module")

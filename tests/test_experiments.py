@@ -507,3 +507,24 @@ def test_unit_cost_times_every_part_and_the_task_batchings_agree(tiny_model_dir,
     assert [row["part"] for row in r["rows"]] == ["text", "text cut to 16", "tasks in 4s", "tasks in one"]
     assert all(row["seconds"] > 0 for row in r["rows"]) and r["task_kl_max_relative_difference"] < 1e-3
     assert "| text cut to 16 |" in capsys.readouterr().out
+
+
+def test_run_times_times_each_option_set_in_fresh_folders(tiny_model_dir, shared_data, tmp_path, capsys):
+    from experiments import run_times
+
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    common = f"--model {tiny_model_dir} --data {text} --quick --context-length 128 --trials 3"
+    out = tmp_path / "times.json"
+    argv = ["--rounds", "2", "--config", f"fisher={common}"]
+    assert run_times.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result) == ["fisher"] and result["fisher"]["wall_vs_fisher"] == 1.0
+    runs = result["fisher"]["runs"]
+    assert len(runs) == 2  # fresh folders: the second round measured its own profile too
+    assert all(0 < r["profile_seconds"] < r["wall_seconds"] for r in runs)
+    with pytest.raises(SystemExit):
+        run_times.main(["--config", "no-name"])
+    assert "--config 'no-name' is not NAME='OPTIONS'" in capsys.readouterr().err
+    bad = ["--rounds", "1", "--config", f"bad={common} --fisher-samples 0"]
+    with pytest.raises(SystemExit, match=r"exited with 2: .*--fisher-samples 0"):
+        run_times.main(bad)

@@ -18,7 +18,7 @@ later 'calibrate search' with the same --out will write.
 
 
 def add_parser(subparsers):
-    from ..options import add_calibration_args
+    from ..options import add_calibration_args, add_profile_workers_arg
 
     p = subparsers.add_parser(
         "profile",
@@ -28,6 +28,7 @@ def add_parser(subparsers):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_calibration_args(p)
+    add_profile_workers_arg(p)
     p.set_defaults(func=run)
     return p
 

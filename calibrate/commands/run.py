@@ -24,7 +24,7 @@ same command resumes an interrupted search without losing finished trials.
 
 
 def add_parser(subparsers):
-    from ..options import add_calibration_args, add_search_args
+    from ..options import add_calibration_args, add_profile_workers_arg, add_search_args
 
     p = subparsers.add_parser(
         "run",
@@ -34,6 +34,7 @@ def add_parser(subparsers):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_calibration_args(p)
+    add_profile_workers_arg(p)
     add_search_args(p)
     p.set_defaults(func=run)
     return p
