@@ -461,8 +461,11 @@ def single_layer_kl(
     out = torch.zeros(len(evaluators), layers, heads or 1, len(grid))
     phase = "head sensitivity" if heads else "layer sensitivity"
     # a curve runs layers l.. and the LM head (about a sixth of the layers' cost here): its share of the work
-    cost = [layers - layer + layers / 6 for layer, _ in units]
-    total_cost = sum(cost)
+    cost = {unit: layers - unit[0] + layers / 6 for unit in units}
+    total_cost = sum(cost.values())
+
+    def name(unit: tuple[int, int]) -> str:
+        return curve_name(unit[0], unit[1] if heads else None)
 
     def curves(unit: tuple[int, int]) -> torch.Tensor:  # [K, G]
         layer, h = unit
@@ -479,15 +482,15 @@ def single_layer_kl(
         layer, h = unit
         out[:, layer, h] = got
         if checkpoint and measured:
-            checkpoint.put({curve_name(layer, h if heads else None): got.clone()})
+            checkpoint.put({name(unit): got.clone()})
         done["units"] += 1
-        done["work"] += cost[units.index(unit)]
+        done["work"] += cost[unit]
         if progress and measured:
             progress(phase, done["units"], len(units), work=(done["work"], total_cost))
 
     todo = []
     for unit in units:
-        saved = checkpoint.get(curve_name(unit[0], unit[1] if heads else None)) if checkpoint else None
+        saved = checkpoint.get(name(unit)) if checkpoint else None
         if saved is not None and saved.shape == out[:, unit[0], unit[1]].shape:
             finished(unit, saved, measured=False)
         else:

@@ -54,8 +54,8 @@ def workers_for(requested: int | None, device: str, device_map: str | None, thre
     if requested is not None:
         if requested > threads:
             raise CalibrateError(
-                f"--profile-workers {requested}: more workers than the {threads} torch threads they share "
-                f"(--threads); give at most {threads}, or raise --threads"
+                f"--profile-workers {requested}: more workers than the {threads} torch threads (--threads), one "
+                f"each; give at most {threads}, or raise --threads"
             )
         return requested
     if not sys.platform.startswith("linux"):  # macOS lists fork, but its system libraries are not fork-safe
@@ -79,12 +79,9 @@ def run(
             finished(unit, measure(unit))
         return
     workers = min(workers, len(units))
-    # one thread each: the OpenMP pool of this process's torch threads does not survive a fork, and a worker
-    # that runs torch on 2 threads hangs in its first parallel region
-    threads = 1
     ctx = multiprocessing.get_context("fork")
     todo, results = ctx.Queue(), ctx.Queue()
-    args = (units, measure, threads, os.getpid(), todo, results)
+    args = (units, measure, os.getpid(), todo, results)
     procs = [ctx.Process(target=_work, args=args, daemon=True) for _ in range(workers)]
     try:
         _start(procs)
@@ -163,11 +160,13 @@ def _end_with_parent() -> None:
         pass
 
 
-def _work(units, measure, threads: int, parent: int, todo, results) -> None:
+def _work(units, measure, parent: int, todo, results) -> None:
     """A worker: measure the units whose indices it takes from `todo` until it takes None (or its parent is
     gone)."""
     _end_with_parent()
-    torch.set_num_threads(threads)
+    # one thread: the OpenMP pool of the parent's torch threads does not survive a fork, and a worker that runs
+    # torch on 2 threads hangs in its first parallel region
+    torch.set_num_threads(1)
     with torch.inference_mode():
         while os.getppid() == parent and (i := todo.get()) is not None:
             try:
